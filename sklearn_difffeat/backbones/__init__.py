@@ -1,0 +1,1 @@
+"""Backbones: load a diffusion Transformer and run it truncated, tapping requested blocks. No sklearn here."""

@@ -1,0 +1,155 @@
+"""DiT (diffusers ``DiTTransformer2DModel``) with its VAE and noise scheduler, run truncated.
+
+Latent-space models (``facebook/DiT-XL-2-256``: ``transformer/``, ``vae/``, ``scheduler/``) and pixel-space
+models (no ``vae/``; the transformer sees the image itself) load through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._hub import module_fingerprint, resolve_model_dir
+
+HUB_FILES = ["model_index.json", "transformer/*", "vae/*", "scheduler/*"]
+
+
+@dataclass(eq=False)
+class DiTBackbone:
+    """A DiT, its optional VAE and the scheduler whose ``add_noise`` defines the forward process."""
+
+    transformer: nn.Module
+    scheduler: object
+    vae: nn.Module | None = None
+    compiled_blocks: list = field(default=None, repr=False)
+
+    def __post_init__(self):
+        # Training mode would randomly drop class labels in DiT's label embedding: features must not.
+        self.transformer.eval().requires_grad_(False)
+        if self.vae is not None:
+            self.vae.eval().requires_grad_(False)
+        self.fingerprint = module_fingerprint(self.transformer, self.vae) + f"-{self.scheduler.config.num_train_timesteps}"
+        self.encoder_fingerprint = module_fingerprint(self.vae)
+
+    # ---- geometry -------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    @property
+    def width(self) -> int:
+        return self.transformer.inner_dim
+
+    @property
+    def num_tokens(self) -> int:
+        size = self.transformer.config.sample_size
+        return (size // self.transformer.config.patch_size) ** 2
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def null_class(self) -> int:
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (1 for a pixel-space model)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return self.transformer.config.sample_size * self.vae_scale
+
+    @property
+    def image_channels(self) -> int:
+        return self.vae.config.in_channels if self.vae is not None else self.transformer.config.in_channels
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.transformer.config.sample_size
+        return (self.transformer.config.in_channels, size, size)
+
+    def to(self, device) -> "DiTBackbone":
+        self.transformer.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    def compile(self) -> "DiTBackbone":
+        # Blocks are compiled one by one: forward hooks and whole-model compile interact badly, and diffusers'
+        # compile_repeated_blocks() does not support DiT.
+        self.compiled_blocks = [torch.compile(block) for block in self.transformer.transformer_blocks]
+        return self
+
+    # ---- computation ----------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, C, H, W) -> the clean input x0 of the diffusion (posterior mean latents)."""
+        if self.vae is None:
+            return images
+        # The posterior mean, not a sample, so that a latent is a deterministic function of the image.
+        latents = self.vae.encode(images).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``, exactly as the model's scheduler defines it."""
+        return self.scheduler.add_noise(x0, noise, timesteps)
+
+    def hidden_states(self, x_t, timesteps, class_labels, blocks) -> dict[int, torch.Tensor]:
+        """Token states {k: (B, N, width)} after block k for each k in ``blocks`` (0 = patch embedding).
+
+        Runs only the blocks up to the deepest one requested.
+        """
+        wanted = set(blocks)
+        deepest = max(wanted)
+        blocks_to_run = (self.compiled_blocks or self.transformer.transformer_blocks)[:deepest]
+        hidden = self.transformer.pos_embed(x_t)
+        taps = {0: hidden} if 0 in wanted else {}
+        for k, block in enumerate(blocks_to_run, start=1):
+            hidden = block(hidden, timestep=timesteps, class_labels=class_labels)
+            if k in wanted:
+                taps[k] = hidden
+        return taps
+
+
+def load_dit_backbone(model) -> DiTBackbone:
+    """Build a :class:`DiTBackbone` from a hub id, a local pipeline folder, ``"embedded:NAME"``, a dict of
+    modules (``transformer``, ``scheduler``, optional ``vae``), a pipeline object with those attributes, or an
+    existing :class:`DiTBackbone`."""
+    if isinstance(model, DiTBackbone):
+        return model
+    if isinstance(model, dict) or hasattr(model, "transformer"):
+        parts = model if isinstance(model, dict) else {k: getattr(model, k, None) for k in ("transformer", "scheduler", "vae")}
+        missing = [k for k in ("transformer", "scheduler") if parts.get(k) is None]
+        if missing:
+            raise ValueError(f"model is missing {missing}; give at least a transformer and a scheduler.")
+        return DiTBackbone(parts["transformer"], _as_ddpm(parts["scheduler"]), parts.get("vae"))
+
+    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+
+    folder = resolve_model_dir(model, allow_patterns=HUB_FILES)
+    for sub in ("transformer", "scheduler"):
+        if not (folder / sub).is_dir():
+            raise ValueError(
+                f"{folder} is not a DiT pipeline folder: it has no {sub}/ subfolder (expected transformer/, "
+                "scheduler/ and, for latent models, vae/)."
+            )
+    transformer = DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae") if (folder / "vae").is_dir() else None
+    return DiTBackbone(transformer, scheduler, vae)
+
+
+def _as_ddpm(scheduler):
+    """Any diffusers noise scheduler -> a DDPMScheduler with the same betas (hub DiT ships a DDIM config).
+
+    Only ``add_noise`` is used, and it depends on the training betas alone, which both share.
+    """
+    from diffusers import DDPMScheduler
+
+    return scheduler if isinstance(scheduler, DDPMScheduler) else DDPMScheduler.from_config(scheduler.config)

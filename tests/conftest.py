@@ -1,0 +1,71 @@
+"""Tiny random models with the real architectures, saved in the real folder layouts (no downloads)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+TINY_DIT_LAYERS = 5
+
+
+def build_tiny_dit_pipeline(folder, with_vae=True, seed=0):
+    """A DiT pipeline folder like facebook/DiT-XL-2-256 (transformer/, vae/, scheduler/), tiny and random."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    latent_channels = 4 if with_vae else 3
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=latent_channels,
+        out_channels=2 * latent_channels,
+        num_layers=TINY_DIT_LAYERS,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
+    # adaLN-zero initialises the block modulations to zero, which would make every block the identity on
+    # its input; random modulations make each block (and so the block choice) matter.
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "norm1.linear" in name or "norm1.emb" in name:
+                param.normal_(0, 0.2)
+    transformer.save_pretrained(folder / "transformer")
+    # The hub ships a DDIM config; the extractor must derive add_noise from it.
+    DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear").save_pretrained(
+        folder / "scheduler"
+    )
+    index = {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    if with_vae:
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=[4, 8],
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            norm_num_groups=2,
+            sample_size=16,
+        )
+        vae.save_pretrained(folder / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory):
+    return build_tiny_dit_pipeline(tmp_path_factory.mktemp("tiny-dit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_dit_dir(tmp_path_factory):
+    return build_tiny_dit_pipeline(tmp_path_factory.mktemp("tiny-pixel-dit"), with_vae=False, seed=1)
+
+
+@pytest.fixture
+def rgb_images():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(7, 20, 24, 3), dtype=np.uint8)
