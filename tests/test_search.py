@@ -1,0 +1,323 @@
+"""BlockTimestepSearchCV on synthetic score landscapes with a known optimum."""
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.model_selection import GridSearchCV, KFold
+
+from sklearn_difffeat.search import BlockTimestepSearchCV
+
+# The paper-shaped grid: image block x image timestep x text block x text timestep = 28 x 10 x 12 x 6.
+GRID = {
+    "image__block": list(range(1, 29)),
+    "image__timestep": [0, 50, 100, 200, 300, 400, 500, 600, 700, 900],
+    "text__block": list(range(1, 13)),
+    "text__timestep": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+}
+SCALE = (1.0, 100.0, 1.0, 0.1)  # one grid step of each axis is about one unit of distance
+PEAK = (14, 200, 10, 0.2)  # known argmax, away from the default start (12, 400, 12, 0.0)
+
+
+class Branch(BaseEstimator):
+    """Stands in for one extractor: only carries (block, timestep), so names read `image__block` etc."""
+
+    def __init__(self, block=1, timestep=0):
+        self.block = block
+        self.timestep = timestep
+
+
+class Landscape(RegressorMixin, BaseEstimator):
+    """Its score is a known function of (image, text) x (block, timestep); X and y are ignored.
+
+    The score is the highest of `height - squared scaled distance to center` over `peaks`: one peak is a smooth
+    unimodal bowl, two peaks give a local optimum.
+    """
+
+    n_fits = 0  # class-level, counts every fit in this process (folds and refit)
+
+    def __init__(self, image=None, text=None, peaks=((1.0, PEAK),)):
+        self.image = image
+        self.text = text
+        self.peaks = peaks
+
+    def value(self):
+        x = np.array([self.image.block, self.image.timestep, self.text.block, self.text.timestep], float)
+        return max(h - float(np.sum(((x - np.array(c, float)) / SCALE) ** 2)) for h, c in self.peaks)
+
+    def fit(self, X, y=None):
+        type(self).n_fits += 1
+        self.fitted_value_ = self.value()
+        return self
+
+    def predict(self, X):
+        return np.full(len(X), self.fitted_value_)
+
+    def score(self, X, y=None):
+        return self.value()
+
+
+def landscape(**kw):
+    return Landscape(image=Branch(), text=Branch(), **kw)
+
+
+def data(n=12):
+    return np.zeros((n, 1)), np.zeros(n)
+
+
+def search(estimator=None, grid=GRID, **kw):
+    kw.setdefault("cv", 2)
+    return BlockTimestepSearchCV(estimator if estimator is not None else landscape(), grid, **kw)
+
+
+def test_finds_known_optimum_from_priors_with_few_evaluations():
+    Landscape.n_fits = 0
+    s = search().fit(*data())
+    assert s.start_params_ == {"image__block": 12, "image__timestep": 400, "text__block": 12,
+                               "text__timestep": 0.0}
+    assert s.best_params_ == dict(zip(GRID, PEAK))
+    assert s.best_score_ == pytest.approx(1.0)
+    assert s.grid_size_ == 28 * 10 * 12 * 6
+    assert s.n_evaluations_ <= s.grid_size_ / 4
+    assert s.stopped_reason_ == "local_optimum"
+    # one row per evaluated candidate, none twice, and exactly that many fits (+1 refit)
+    params = s.cv_results_["params"]
+    assert len(params) == s.n_evaluations_
+    assert len({tuple(p.values()) for p in params}) == len(params)
+    assert Landscape.n_fits == s.n_evaluations_ * s.n_splits_ + 1
+    # rows in evaluation order: the start first, steps non-decreasing, the path's points in order
+    assert params[0] == s.start_params_
+    assert np.all(np.diff(s.cv_results_["search_step"]) >= 0)
+    rows = [params.index(e["params"]) for e in s.search_path_]
+    assert rows == sorted(rows)
+    path_scores = [e["score"] for e in s.search_path_]
+    assert path_scores == sorted(path_scores) and path_scores[-1] == pytest.approx(1.0)
+    assert [e["stopped"] for e in s.search_path_] == [None] * (len(s.search_path_) - 1) + ["local_optimum"]
+    assert s.search_path_[-1]["params"] == s.best_params_
+
+
+def test_grid_search_reference_agrees():
+    # Exhaustive reference over the same 20,160-point grid (one split keeps it to a few seconds).
+    X, y = data()
+    one_split = [(np.arange(6), np.arange(6, 12))]
+    ref = GridSearchCV(landscape(), GRID, cv=one_split).fit(X, y)
+    s = search(cv=one_split).fit(X, y)
+    assert s.best_params_ == ref.best_params_ == dict(zip(GRID, PEAK))
+    assert s.best_score_ == pytest.approx(ref.best_score_)
+
+
+def test_stops_at_local_optimum_and_says_so():
+    # a low peak next to the start, a high one far away
+    local, far = (10, 500, 12, 0.0), (25, 0, 2, 0.5)
+    s = search(landscape(peaks=((1.0, local), (5.0, far)))).fit(*data())
+    assert s.best_params_ == dict(zip(GRID, local))
+    assert s.best_score_ == pytest.approx(1.0)
+    assert s.stopped_reason_ == "local_optimum"
+    assert s.search_path_[-1]["stopped"] == "local_optimum"
+
+
+def test_max_evaluations_is_honoured():
+    for limit in (1, 5, 20):
+        s = search(max_evaluations=limit).fit(*data())
+        assert s.n_evaluations_ == len(s.cv_results_["params"]) == limit
+        assert s.stopped_reason_ == "max_evaluations"
+        assert s.search_path_[-1]["stopped"] == "max_evaluations"
+    # a budget larger than the climb needs changes nothing
+    free = search().fit(*data())
+    capped = search(max_evaluations=free.n_evaluations_ + 3).fit(*data())
+    assert capped.cv_results_["params"] == free.cv_results_["params"]
+    assert capped.stopped_reason_ == "local_optimum"
+
+
+def test_deterministic_and_random_state_shuffles_neighbour_order():
+    a, b = search().fit(*data()), search().fit(*data())
+    assert a.cv_results_["params"] == b.cv_results_["params"]
+    c, d = search(random_state=3).fit(*data()), search(random_state=3).fit(*data())
+    assert c.cv_results_["params"] == d.cv_results_["params"]
+    assert c.best_params_ == a.best_params_
+    assert c.cv_results_["params"] != a.cv_results_["params"]  # same points visited, other order
+    # first batch: neighbours along axes in the given order, one step down then up
+    first = [p for p, st in zip(a.cv_results_["params"], a.cv_results_["search_step"]) if st == 1]
+    assert [(p["image__block"], p["image__timestep"]) for p in first[:4]] == [(11, 400), (13, 400), (12, 300),
+                                                                            (12, 500)]
+
+
+def test_refit_predict_and_persistence(tmp_path):
+    X, y = data()
+    s = search().fit(X, y)
+    est = s.best_estimator_
+    assert (est.image.block, est.image.timestep, est.text.block, est.text.timestep) == PEAK
+    np.testing.assert_allclose(s.predict(X), 1.0)
+    assert s.score(X, y) == pytest.approx(1.0)
+    joblib.dump(est, tmp_path / "best.joblib")
+    loaded = joblib.load(tmp_path / "best.joblib")
+    np.testing.assert_array_equal(loaded.predict(X), est.predict(X))
+    assert loaded.get_params()["image__block"] == 14
+
+    no_refit = search(refit=False).fit(X, y)
+    assert not hasattr(no_refit, "best_estimator_") and no_refit.best_params_ == s.best_params_
+
+
+class OneAxis(RegressorMixin, BaseEstimator):
+    """Score = table[x]."""
+
+    def __init__(self, x=0, table=(0.0,)):
+        self.x = x
+        self.table = table
+
+    def fit(self, X, y=None):
+        return self
+
+    def score(self, X, y=None):
+        return self.table[self.x]
+
+
+def test_patience_allows_plateau_moves():
+    table = (0.0, 1.0, 0.5, 0.8, 2.0, 3.0)
+    grid = {"x": range(len(table))}
+
+    def run(p):
+        return search(OneAxis(table=table), grid, start={"x": 1}, patience=p).fit(*data())
+
+    assert run(0).best_params_ == {"x": 1} and run(0).n_evaluations_ == 3
+    assert run(1).best_params_ == {"x": 1}
+    s = run(2)
+    assert s.best_params_ == {"x": 5} and s.stopped_reason_ == "local_optimum"
+    assert [e["move"] for e in s.search_path_] == ["start", "plateau", "plateau", "improve", "improve"]
+
+
+@pytest.mark.filterwarnings("ignore:One or more of the test scores are non-finite")
+def test_tol_and_nan_scores():
+    table = (0.0, 1.0, 1.05, np.nan)
+    s = search(OneAxis(table=table), {"x": range(4)}, start={"x": 1}, tol=0.1).fit(*data())
+    assert s.best_params_ == {"x": 2} and s.search_path_[-1]["params"] == {"x": 1}  # +0.05 is within tol
+    s = search(OneAxis(table=table), {"x": range(4)}, start={"x": 2}).fit(*data())
+    assert s.best_params_ == {"x": 2} and s.stopped_reason_ == "local_optimum"  # NaN never wins
+
+
+def test_default_priors():
+    grid = {
+        "features__image__block": range(0, 29),
+        "features__image__timestep": [0, 100, 200, 300],
+        "features__text__block": [0, 4, 8, -1],
+        "features__text__timestep": [0.5, 0.0, 0.25],
+        "ditfeatureextractor__block": [2, 4, 6],
+        "clf__alpha": [1, 2, 3, 4, 5],
+    }
+
+    class Many(OneAxis):
+        def set_params(self, **params):
+            return self
+
+    s = search(Many(), grid, max_evaluations=1).fit(*data())
+    assert s.start_params_ == {
+        "features__image__block": 12,
+        "features__image__timestep": 200,  # middle: values[len // 2]
+        "features__text__block": -1,  # deepest
+        "features__text__timestep": 0.0,  # lowest noise
+        "ditfeatureextractor__block": 4,  # image branch without 12: middle
+        "clf__alpha": 3,
+    }
+    s = search(Many(), grid, start={"clf__alpha": 5}, max_evaluations=1).fit(*data())
+    assert s.start_params_["clf__alpha"] == 5 and s.start_params_["features__image__block"] == 12
+
+
+@pytest.mark.parametrize(
+    "grid, start, match",
+    [
+        ({}, None, "non-empty"),
+        ({"x": []}, None, r"param_grid\['x'\] is empty"),
+        ({"x": [1, 2, 1]}, None, r"param_grid\['x'\] has the duplicate value 1"),
+        ({"x": "abc"}, None, r"param_grid\['x'\] must be an ordered sequence"),
+        ({"x": 3}, None, r"param_grid\['x'\] must be an ordered sequence"),
+        ({"x": [0, 1]}, {"y": 0}, "'y', which is not an axis"),
+        ({"x": [0, 1]}, {"x": 7}, r"start\['x'\]=7 is not among"),
+    ],
+)
+def test_bad_param_grid_and_start(grid, start, match):
+    with pytest.raises(ValueError, match=match):
+        search(OneAxis(table=(0.0, 1.0)), grid, start=start).fit(*data())
+
+
+def test_bad_constructor_values():
+    with pytest.raises(ValueError):
+        search(max_evaluations=0).fit(*data())
+    with pytest.raises(ValueError):
+        search(patience=-1).fit(*data())
+
+
+def _land(est, X, y):
+    return est.score(X, y)
+
+
+def _neg_land(est, X, y):
+    return -est.score(X, y)
+
+
+def test_multimetric_climbs_the_refit_metric():
+    scoring = {"neg": _neg_land, "land": _land}
+    s = search(scoring=scoring, refit="land").fit(*data())
+    assert s.best_params_ == dict(zip(GRID, PEAK))
+    assert s.best_score_ == pytest.approx(1.0)
+    assert "mean_test_neg" in s.cv_results_
+    with pytest.raises(ValueError, match="refit"):
+        search(scoring=scoring, refit=False).fit(*data())
+
+
+class NoisyMultiLabel(ClassifierMixin, BaseEstimator):
+    """Multi-label scores = quality * labels + noise, with X = [labels, noise]; quality peaks at (block, t)."""
+
+    def __init__(self, block=0, timestep=0, peak=(5, 300)):
+        self.block = block
+        self.timestep = timestep
+        self.peak = peak
+
+    def fit(self, X, y):
+        self.classes_ = np.arange(np.shape(y)[1])
+        return self
+
+    def decision_function(self, X):
+        q = np.exp(-(((self.block - self.peak[0]) / 3.0) ** 2) - ((self.timestep - self.peak[1]) / 300.0) ** 2)
+        L = len(self.classes_)
+        return 2.0 * q * X[:, :L] + X[:, L:]
+
+    def predict_proba(self, X):
+        return 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+
+    def predict(self, X):
+        return (self.decision_function(X) > 0.5).astype(int)
+
+
+def test_default_map_scorer_and_kfold_on_multilabel():
+    pytest.importorskip("sklearn_difffeat.metrics")
+    from sklearn_difffeat.metrics import map_scorer
+
+    rng = np.random.default_rng(0)
+    Y = (rng.random((120, 4)) < 0.3).astype(int)
+    X = np.hstack([Y, rng.normal(size=Y.shape)])
+    grid = {"block": list(range(0, 12)), "timestep": [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]}
+    s = BlockTimestepSearchCV(NoisyMultiLabel(), grid, cv=3, random_state=0).fit(X, Y)
+    assert s.scorer_ is map_scorer
+    assert s.scoring is None and s.cv == 3  # the resolved defaults do not leak into the parameters
+    ref = GridSearchCV(NoisyMultiLabel(), grid, scoring=map_scorer,
+                       cv=KFold(3, shuffle=True, random_state=0)).fit(X, Y)
+    assert s.best_params_ == ref.best_params_ == {"block": 5, "timestep": 300}
+    assert s.best_score_ == pytest.approx(ref.best_score_)
+    assert s.n_evaluations_ < s.grid_size_ / 2
+    assert s.predict(X).shape == Y.shape
+
+
+def test_dask_local_cluster_of_processes():
+    distributed = pytest.importorskip("distributed")
+    grid = {"image__block": list(range(1, 9)), "image__timestep": [0, 100, 200, 300, 400],
+            "text__block": [8, 10, 12], "text__timestep": [0.0, 0.2]}
+    X, y = data()
+    serial = search(grid=grid, cv=2).fit(X, y)
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        with joblib.parallel_config(backend="dask"):
+            dask = search(grid=grid, cv=2, n_jobs=-1).fit(X, y)
+        assert len(client.scheduler_info()["workers"]) == 2
+    assert dask.cv_results_["params"] == serial.cv_results_["params"]
+    np.testing.assert_allclose(dask.cv_results_["mean_test_score"], serial.cv_results_["mean_test_score"])
+    assert dask.best_params_ == serial.best_params_
