@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from sklearn.base import _fit_context
+from sklearn.base import _fit_context, clone
 from sklearn.model_selection import KFold
 from sklearn.model_selection._search import BaseSearchCV
 from sklearn.utils import check_random_state
@@ -95,6 +95,26 @@ def _prior_index(name, values):
     except TypeError:  # values that do not order (max/min): fall back to the middle
         pass
     return middle
+
+
+def _announce_cache_depths(estimator, axes):
+    """Tell cached extractors the deepest block the search may ask for.
+
+    For an axis ``<prefix>block`` whose estimator also has ``<prefix>cache_depth`` left at None, return a
+    clone with that depth set: each backbone pass at a timestep then stores every block the search can visit,
+    so moving along the block axis costs no new pass. Other estimators are returned unchanged.
+    """
+    params = estimator.get_params()
+    depths = {}
+    for name, values in axes:
+        if not name.endswith("block"):
+            continue
+        depth_param = name[: -len("block")] + "cache_depth"
+        if depth_param in params and params[depth_param] is None:
+            ints = [int(v) for v in values if isinstance(v, numbers.Integral)]
+            if ints:  # -1 (deepest) covers any negative index, which needs the model's depth to compare
+                depths[depth_param] = -1 if min(ints) < 0 else max(ints)
+    return clone(estimator).set_params(**depths) if depths else estimator
 
 
 class _FrozenSplits:
@@ -261,13 +281,15 @@ class BlockTimestepSearchCV(BaseSearchCV):
         elif cv is not None and not isinstance(cv, numbers.Integral):
             cv = list(cv)  # a one-shot generator of splits would be exhausted after the first step
 
-        # BaseSearchCV.fit reads self.scoring / self.cv; swap in the resolved ones only for its duration.
-        saved = self.scoring, self.cv
+        # BaseSearchCV.fit reads self.scoring / self.cv / self.estimator; swap in the resolved ones only for its
+        # duration.
+        saved = self.scoring, self.cv, self.estimator
         self.scoring, self.cv = scoring, cv
+        self.estimator = _announce_cache_depths(self.estimator, self._axes)
         try:
             return super().fit(X, y, **params)
         finally:
-            self.scoring, self.cv = saved
+            self.scoring, self.cv, self.estimator = saved
             del self._axes, self._start
 
     def _climb_metric(self, results):

@@ -9,6 +9,31 @@ import torch
 TINY_DIT_LAYERS = 5
 
 
+class PassCounter:
+    """Counts DiT passes (patch-embedding calls), images through the VAE, and blocks run."""
+
+    def __init__(self, extractor):
+        backbone = extractor._backbone()
+        self.passes = self.encoded = 0
+        self.deepest = 0
+        self._hooks = [
+            backbone.transformer.pos_embed.register_forward_hook(self._on_pass),
+            backbone.vae.encoder.register_forward_hook(self._on_encode),
+        ]
+        for k, block in enumerate(backbone.transformer.transformer_blocks, start=1):
+            self._hooks.append(block.register_forward_hook(lambda *a, k=k: setattr(self, "deepest", max(self.deepest, k))))
+
+    def _on_pass(self, module, args, out):
+        self.passes += 1
+
+    def _on_encode(self, module, args, out):
+        self.encoded += args[0].shape[0]
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+
+
 def build_tiny_dit_pipeline(folder, with_vae=True, seed=0):
     """A DiT pipeline folder like facebook/DiT-XL-2-256 (transformer/, vae/, scheduler/), tiny and random."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel

@@ -7,32 +7,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import PassCounter
 from sklearn_difffeat import DiTFeatureExtractor, FeatureCache
-
-
-class PassCounter:
-    """Counts DiT passes (patch-embedding calls), images through the VAE, and blocks run."""
-
-    def __init__(self, extractor):
-        backbone = extractor._backbone()
-        self.passes = self.encoded = 0
-        self.deepest = 0
-        self._hooks = [
-            backbone.transformer.pos_embed.register_forward_hook(self._on_pass),
-            backbone.vae.encoder.register_forward_hook(self._on_encode),
-        ]
-        for k, block in enumerate(backbone.transformer.transformer_blocks, start=1):
-            self._hooks.append(block.register_forward_hook(lambda *a, k=k: setattr(self, "deepest", max(self.deepest, k))))
-
-    def _on_pass(self, module, args, out):
-        self.passes += 1
-
-    def _on_encode(self, module, args, out):
-        self.encoded += args[0].shape[0]
-
-    def close(self):
-        for h in self._hooks:
-            h.remove()
 
 
 def test_store_merges_and_load_misses(tmp_path):

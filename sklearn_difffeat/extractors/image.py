@@ -246,8 +246,10 @@ def _one_image(sample, index, resolution, channels):
     elif isinstance(sample, Image.Image):
         image = sample.convert("RGB")
     elif isinstance(sample, np.ndarray):
-        image = Image.fromarray(_array_to_uint8(sample, index))
-        image = image.convert("RGB")
+        array = _array_to_uint8(sample, index)
+        if channels == 3 and array.shape == (resolution, resolution, 3):
+            return np.ascontiguousarray(array)  # already model-ready: skip PIL
+        image = Image.fromarray(array).convert("RGB")
     else:
         raise ValueError(f"Image {index}: expected a PIL image, an array or a file path, got {type(sample).__name__}.")
     image = _resize_center_crop(image, resolution)
