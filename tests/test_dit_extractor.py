@@ -272,3 +272,30 @@ def test_missing_model_folder_is_explained(tmp_path):
         DiTFeatureExtractor(str(tmp_path)).fit(None)
     with pytest.raises(ValueError, match="does not exist"):
         DiTFeatureExtractor(str(tmp_path / "nope")).fit(None)
+
+
+@pytest.mark.parametrize("check", [
+    "check_no_attributes_set_in_init", "check_parameters_default_constructible", "check_get_params_invariance",
+    "check_set_params", "check_estimator_cloneable", "check_estimator_repr", "check_mixin_order",
+    "check_valid_tag_types",
+])
+def test_sklearn_checks_that_apply_to_image_input(check):
+    # The other checks feed 2-D numeric tables, which an image extractor rightly rejects.
+    from sklearn.utils import estimator_checks
+
+    getattr(estimator_checks, check)("DiTFeatureExtractor", DiTFeatureExtractor("unused"))
+
+
+def test_fit_does_not_change_parameters(tiny_dit_dir, rgb_images):
+    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, -1], timestep=[5, 50])
+    before = ext.get_params()
+    ext.fit(rgb_images).transform(rgb_images)
+    assert ext.get_params() == before
+
+
+def test_bfloat16_autocast_path_stays_close(tiny_dit_dir, rgb_images):
+    # The CUDA default (bf16 autocast), exercised on CPU; features still come back as float32.
+    fp32 = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=300).fit(rgb_images).transform(rgb_images)
+    bf16 = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=300, dtype="bfloat16").fit(rgb_images).transform(rgb_images)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(bf16, fp32, atol=0.1, rtol=0.05)
