@@ -98,6 +98,15 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, np.ndarray, range)) else [value]
 
 
+def single_column(X, what: str):
+    """Unwrap the one-column DataFrame a ColumnTransformer passes for a column given as a list (``["image"]``)."""
+    if hasattr(X, "iloc") and getattr(X, "ndim", 1) == 2:
+        if X.shape[1] != 1:
+            raise ValueError(f"Expected one column of {what}, got a DataFrame with {X.shape[1]} columns.")
+        return X.iloc[:, 0]
+    return X
+
+
 def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..backbones.dit import DiTBackbone, load_dit_backbone
 from ..cache import FeatureCache, stable_hash
-from ._base import BaseDiffusionFeatureExtractor, as_list, pool_tokens, sample_generator
+from ._base import BaseDiffusionFeatureExtractor, as_list, pool_tokens, sample_generator, single_column
 
 DEFAULT_TIMESTEP = 100  # a middle-low DDPM step; see the class docstring for why
 
@@ -214,10 +214,7 @@ def to_uint8_images(X, resolution: int, channels: int = 3) -> list[np.ndarray]:
     DataFrame of PIL images, arrays or file paths. Shorter side resized (bicubic) to ``resolution``, then
     center-cropped. Float images are quantised to 8 bits. Errors name the offending sample.
     """
-    if hasattr(X, "iloc") and getattr(X, "ndim", 1) == 2:  # one-column DataFrame from a ColumnTransformer
-        if X.shape[1] != 1:
-            raise ValueError(f"Expected one column of images, got a DataFrame with {X.shape[1]} columns.")
-        X = X.iloc[:, 0]
+    X = single_column(X, "images")
     if isinstance(X, np.ndarray) and X.dtype != object:
         if X.ndim not in (3, 4):
             raise ValueError(

@@ -12,7 +12,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..backbones.text import load_text_backbone, loglinear_sigma
-from ._base import BaseDiffusionFeatureExtractor, as_list, pool_tokens, sample_generator
+from ._base import BaseDiffusionFeatureExtractor, as_list, pool_tokens, sample_generator, single_column
 
 
 class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
@@ -228,10 +228,7 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
 
 def _check_texts(X) -> list[str]:
     """A list of non-empty strings from a list, array, Series or one-column DataFrame; errors name the index."""
-    if hasattr(X, "iloc") and getattr(X, "ndim", 1) == 2:  # one-column DataFrame from a ColumnTransformer
-        if X.shape[1] != 1:
-            raise ValueError(f"Expected one column of texts, got a DataFrame with {X.shape[1]} columns.")
-        X = X.iloc[:, 0]
+    X = single_column(X, "texts")
     if isinstance(X, str):
         raise ValueError("Expected a list of texts, got a single string; wrap it as [text].")
     if hasattr(X, "iloc"):
