@@ -220,20 +220,25 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
             depth = max(depth, self._check_cache_depth(backbone))
         computed_blocks = sorted(set(blocks) | (set(range(depth + 1)) if depth > max(blocks) else set()))
 
+        # Serve what the cache holds first, so that the progress bar counts only real work.
+        plan = []
+        for ti, t in enumerate(timesteps):
+            namespace = stable_hash(*self._cache_namespace_parts(backbone, t)) if cache is not None else None
+            todo = []
+            for i, fp in enumerate(fingerprints):
+                stored = cache.load(namespace, fp) if cache is not None else None
+                if stored is not None and all(f"b{b}" in stored for b in blocks):
+                    for bi, b in enumerate(blocks):
+                        out[i, bi, ti] = stored[f"b{b}"]
+                else:
+                    todo.append(i)
+            plan.append((ti, t, namespace, todo))
+
         state: dict = {}
-        progress = tqdm(total=n * len(timesteps), disable=not self.verbose, desc=type(self).__name__, unit="sample")
+        total = sum(len(todo) for *_, todo in plan)
+        progress = tqdm(total=total, disable=not self.verbose or total == 0, desc=type(self).__name__, unit="sample")
         with progress:
-            for ti, t in enumerate(timesteps):
-                namespace = stable_hash(*self._cache_namespace_parts(backbone, t)) if cache is not None else None
-                todo = []
-                for i, fp in enumerate(fingerprints):
-                    stored = cache.load(namespace, fp) if cache is not None else None
-                    if stored is not None and all(f"b{b}" in stored for b in blocks):
-                        for bi, b in enumerate(blocks):
-                            out[i, bi, ti] = stored[f"b{b}"]
-                        progress.update(1)
-                    else:
-                        todo.append(i)
+            for ti, t, namespace, todo in plan:
                 for idx, feats in self._compute_in_batches(backbone, items, fingerprints, todo, t, computed_blocks, state):
                     for bi, b in enumerate(blocks):
                         out[idx, bi, ti] = feats[b]
