@@ -299,7 +299,8 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         if reset:
             names = [str(n) for n in self.feature_names_in_] if hasattr(self, "feature_names_in_") else None
             self.modalities_ = self._groups_from_spec(X_arr.shape[1], names)
-        return np.ascontiguousarray(X_arr, dtype=np.float32)
+        # torch refuses read-only buffers (pandas' copy-on-write hands those out), so copy only then.
+        return np.require(X_arr, dtype=np.float32, requirements=["C", "W"])
 
     def _prepare_y(self, y, n_samples):
         if y is None:
