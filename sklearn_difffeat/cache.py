@@ -44,12 +44,18 @@ class FeatureCache:
     def _path(self, namespace: str, key: str) -> Path:
         return self.directory / namespace / key[:2] / f"{key}.npz"
 
-    def load(self, namespace: str, key: str) -> dict[str, np.ndarray] | None:
-        """The arrays stored for (namespace, key), or None when absent or unreadable."""
+    def load(self, namespace: str, key: str, names=None) -> dict[str, np.ndarray] | None:
+        """The arrays stored for (namespace, key), or None when absent or unreadable.
+
+        With ``names``, read only those arrays, and return None unless all of them are stored.
+        """
         path = self._path(namespace, key)
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {name: data[name] for name in data.files}
+                wanted = data.files if names is None else list(names)
+                if not set(wanted) <= set(data.files):
+                    return None
+                return {name: data[name] for name in wanted}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, zipfile.BadZipFile, EOFError):

@@ -18,6 +18,8 @@ def test_store_merges_and_load_misses(tmp_path):
     cache.store("ns", "abcd", {"b2": np.ones(2)})
     got = cache.load("ns", "abcd")
     assert sorted(got) == ["b1", "b2"] and np.array_equal(got["b1"], np.arange(3.0))
+    assert list(cache.load("ns", "abcd", ["b2"])) == ["b2"]
+    assert cache.load("ns", "abcd", ["b2", "b3"]) is None  # partial entries are misses
     (tmp_path / "ns" / "ab" / "abcd.npz").write_bytes(b"garbage")  # damaged outside the cache: a miss
     assert cache.load("ns", "abcd") is None
 

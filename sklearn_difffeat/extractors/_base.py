@@ -226,8 +226,8 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
             namespace = stable_hash(*self._cache_namespace_parts(backbone, t)) if cache is not None else None
             todo = []
             for i, fp in enumerate(fingerprints):
-                stored = cache.load(namespace, fp) if cache is not None else None
-                if stored is not None and all(f"b{b}" in stored for b in blocks):
+                stored = cache.load(namespace, fp, [f"b{b}" for b in blocks]) if cache is not None else None
+                if stored is not None:
                     for bi, b in enumerate(blocks):
                         out[i, bi, ti] = stored[f"b{b}"]
                 else:
