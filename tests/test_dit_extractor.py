@@ -299,3 +299,40 @@ def test_bfloat16_autocast_path_stays_close(tiny_dit_dir, rgb_images):
     bf16 = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=300, dtype="bfloat16").fit(rgb_images).transform(rgb_images)
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(bf16, fp32, atol=0.1, rtol=0.05)
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(tiny_dit_dir, rgb_images, monkeypatch):
+    reference = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300).fit(rgb_images).transform(rgb_images)
+    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=8).fit(rgb_images)
+    real = DiTFeatureExtractor._batch_features
+    sizes = []
+
+    def fails_above_two(self, backbone, items, *args):
+        sizes.append(len(items))
+        if len(items) > 2:  # as CUDA would on a card that fits only two images
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, backbone, items, *args)
+
+    monkeypatch.setattr(DiTFeatureExtractor, "_batch_features", fails_above_two)
+    np.testing.assert_allclose(ext.transform(rgb_images), reference, atol=1e-5)
+    assert sizes[:3] == [7, 4, 2] and set(sizes[3:]) <= {1, 2}  # halved until it fits, then kept
+    monkeypatch.setattr(DiTFeatureExtractor, "_batch_features", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):  # a batch of one that does not fit is reported, not looped on
+        DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=1).fit(rgb_images).transform(rgb_images)
+
+
+def test_compile_wraps_each_block_and_keeps_features(tiny_dit_dir, rgb_images, monkeypatch):
+    # Inductor would spend minutes compiling C++ on a CPU test machine; dynamo's eager backend still traces
+    # the blocks the way compile=True calls them.
+    compiled = []
+    real_compile = torch.compile
+
+    def spy(module, **kwargs):
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    plain = DiTFeatureExtractor(str(tiny_dit_dir), block=[2, 4], timestep=300).fit(rgb_images).transform(rgb_images)
+    got = DiTFeatureExtractor(str(tiny_dit_dir), block=[2, 4], timestep=300, compile=True).fit(rgb_images).transform(rgb_images)
+    assert len(compiled) == TINY_DIT_LAYERS
+    np.testing.assert_allclose(got, plain, atol=1e-5)
