@@ -1,0 +1,25 @@
+"""Command line: ``python -m sklearn_difffeat demo``."""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sklearn_difffeat", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run Diff-Feat end to end on the embedded data and models (offline, CPU)")
+    demo.add_argument("--n-train", type=int, default=1000)
+    demo.add_argument("--n-test", type=int, default=500)
+    demo.add_argument("--cv", type=int, default=3)
+    demo.add_argument("--output", default="demo_output", help="folder for the model, heatmap, summary and cache")
+    demo.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=0 if args.quiet else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
