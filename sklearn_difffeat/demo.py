@@ -171,13 +171,15 @@ def _heatmap(heat, blocks, search, path):
     ax.set_title("Image branch alone: CV mAP over (block, timestep)")
     for i in range(heat.shape[0]):
         for j in range(heat.shape[1]):
-            ax.text(j, i, f"{100 * heat[i, j]:.0f}", ha="center", va="center", fontsize=7, color="white")
+            bright = heat[i, j] > np.nanmin(heat) + 0.6 * (np.nanmax(heat) - np.nanmin(heat))
+            ax.text(j, i, f"{100 * heat[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                    color="black" if bright else "white")
     # Where the joint local search went (its image coordinates), start to end.
     path_points = [(IMAGE_TIMESTEPS.index(p["params"]["features__image__timestep"]),
                     blocks.index(p["params"]["features__image__block"])) for p in search.search_path_ if p.get("params")]
     xs, ys = zip(*path_points)
     ax.plot(xs, ys, "-o", color="red", markersize=4, label="local search path (fused)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
     fig.colorbar(image, ax=ax, label="mAP (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
