@@ -6,6 +6,7 @@ models (no ``vae/``; the transformer sees the image itself) load through the sam
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,9 @@ class DiTBackbone:
         self.transformer.eval().requires_grad_(False)
         if self.vae is not None:
             self.vae.eval().requires_grad_(False)
-        self.fingerprint = module_fingerprint(self.transformer, self.vae) + f"-{self.scheduler.config.num_train_timesteps}"
+        # The noise schedule changes features as much as the weights do.
+        schedule = hashlib.blake2b(self.scheduler.alphas_cumprod.double().numpy().tobytes(), digest_size=6).hexdigest()
+        self.fingerprint = f"{module_fingerprint(self.transformer, self.vae)}-{schedule}"
         self.encoder_fingerprint = module_fingerprint(self.vae)
 
     # ---- geometry -------------------------------------------------------------------------------------

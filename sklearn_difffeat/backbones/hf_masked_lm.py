@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._hub import WeightsFingerprint
+
 # Where common architectures keep their layer list, relative to the full model.
 _LAYER_PATHS = (
     "base_model.encoder.layer",  # BERT, RoBERTa, ELECTRA, ...
@@ -57,7 +59,7 @@ def check_remote_code(folder, trust_remote_code: bool) -> None:
         )
 
 
-class HFMaskedLMBackbone:
+class HFMaskedLMBackbone(WeightsFingerprint):
     """A transformers model with ``output_hidden_states`` and its tokenizer, as a text backbone."""
 
     def __init__(self, model: nn.Module, tokenizer, mask_token_id: int | None = None):
@@ -79,7 +81,6 @@ class HFMaskedLMBackbone:
         self.max_length = int(max_pos) if max_pos else None
         self.time_conditioned = False
         self._layers = self._find_layers(model, self.num_blocks)
-        self._fingerprint = None
 
     @staticmethod
     def _find_layers(model, num_blocks):
@@ -107,14 +108,6 @@ class HFMaskedLMBackbone:
             model = AutoModel.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer)
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            from ._hub import module_fingerprint
-
-            self._fingerprint = module_fingerprint(self.module)
-        return self._fingerprint
 
     @torch.no_grad()
     def hidden_states(self, input_ids, attention_mask=None, sigma=None, blocks=(-1,)) -> dict:

@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._hub import WeightsFingerprint
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HUB_PREFIX = "backbone."
@@ -365,7 +367,7 @@ def load_mdlm_tokenizer(folder):
         ) from exc
 
 
-class MDLMBackbone:
+class MDLMBackbone(WeightsFingerprint):
     """A :class:`DDiTModel` with its tokenizer, behind the interface the text extractor uses."""
 
     def __init__(self, model: DDiTModel, tokenizer, mask_token_id: int | None = None):
@@ -382,20 +384,11 @@ class MDLMBackbone:
         self.width = cfg.hidden_dim
         self.max_length = cfg.model_length
         self.time_conditioned = bool(cfg.time_conditioning)
-        self._fingerprint = None
 
     @classmethod
     def from_pretrained(cls, folder) -> "MDLMBackbone":
         model = DDiTModel.from_pretrained(folder)
         return cls(model, load_mdlm_tokenizer(folder))
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            from ._hub import module_fingerprint
-
-            self._fingerprint = module_fingerprint(self.module)
-        return self._fingerprint
 
     @torch.no_grad()
     def hidden_states(self, input_ids, attention_mask=None, sigma=None, blocks=(-1,)) -> dict:
