@@ -5,7 +5,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 
 from conftest import PassCounter
 from sklearn_difffeat import DiTFeatureExtractor, FeatureCache

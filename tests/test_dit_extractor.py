@@ -336,3 +336,47 @@ def test_compile_wraps_each_block_and_keeps_features(tiny_dit_dir, rgb_images, m
     got = DiTFeatureExtractor(str(tiny_dit_dir), block=[2, 4], timestep=300, compile=True).fit(rgb_images).transform(rgb_images)
     assert len(compiled) == TINY_DIT_LAYERS
     np.testing.assert_allclose(got, plain, atol=1e-5)
+
+
+def test_built_modules_work_and_are_never_confused(tiny_dit_dir, rgb_images):
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    def modules(scale):
+        transformer = DiTTransformer2DModel.from_pretrained(tiny_dit_dir, subfolder="transformer")
+        with torch.no_grad():
+            for p in transformer.parameters():
+                p.mul_(scale)
+        return {"transformer": transformer, "vae": AutoencoderKL.from_pretrained(tiny_dit_dir, subfolder="vae"),
+                "scheduler": DDIMScheduler.from_pretrained(tiny_dit_dir, subfolder="scheduler")}
+
+    by_path = DiTFeatureExtractor(str(tiny_dit_dir), block=3, timestep=100).fit(None).transform(rgb_images)
+    # Each dict is dropped right after use, so Python could hand its id to the next one.
+    same = DiTFeatureExtractor(modules(1.0), block=3, timestep=100).fit(None).transform(rgb_images)
+    scaled = DiTFeatureExtractor(modules(0.5), block=3, timestep=100).fit(None).transform(rgb_images)
+    np.testing.assert_allclose(same, by_path, atol=1e-6)
+    assert np.abs(scaled - same).max() > 1e-3
+
+
+def test_loaded_backbone_keeps_its_source_alive(tiny_dit_dir, rgb_images):
+    # The registry keys built modules by id(); holding the source object keeps that id from being reused by
+    # another object (and so another model) while the entry lives.
+    import gc
+    import weakref
+
+    from sklearn_difffeat.backbones.dit import load_dit_backbone
+
+    class Pipeline:  # pipeline-like object: the extractor builds a new backbone from its parts
+        pass
+
+    source = Pipeline()
+    loaded = load_dit_backbone(str(tiny_dit_dir))
+    source.transformer, source.scheduler, source.vae = loaded.transformer, loaded.scheduler, loaded.vae
+    del loaded
+    ref = weakref.ref(source)
+    DiTFeatureExtractor(source, block=1).fit(None).transform(rgb_images)
+    del source
+    gc.collect()
+    assert ref() is not None
+    _base.clear_backbone_cache()
+    gc.collect()
+    assert ref() is None

@@ -28,13 +28,17 @@ _BACKBONES: OrderedDict = OrderedDict()
 _MAX_BACKBONES = 2
 
 
-def cached_backbone(key, load):
-    """Return the backbone stored under ``key``, loading it with ``load()`` on a miss (LRU of 2)."""
+def cached_backbone(key, load, keepalive=None):
+    """Return the backbone stored under ``key``, loading it with ``load()`` on a miss (LRU of 2).
+
+    ``keepalive`` is held with the entry: when a key contains ``id(obj)``, holding ``obj`` stops Python from
+    reusing that id for another object while the entry exists.
+    """
     if key in _BACKBONES:
         _BACKBONES.move_to_end(key)
-        return _BACKBONES[key]
+        return _BACKBONES[key][1]
     backbone = load()
-    _BACKBONES[key] = backbone
+    _BACKBONES[key] = (keepalive, backbone)
     while len(_BACKBONES) > _MAX_BACKBONES:
         _BACKBONES.popitem(last=False)
     return backbone
@@ -138,9 +142,9 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
     }
 
     # ---- hooks for subclasses -------------------------------------------------------------------------
-    def _backbone_key(self):
-        """Hashable key that identifies the loaded backbone (model source, device, compile...)."""
-        raise NotImplementedError
+    def _backbone_options(self) -> tuple:
+        """Parameters besides ``model`` and ``device`` that change the loaded backbone (e.g. compile)."""
+        return ()
 
     def _load_backbone(self, device: torch.device):
         """Load the backbone on ``device`` (called at most once per key per process)."""
@@ -287,7 +291,10 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
     # ---- helpers --------------------------------------------------------------------------------------
     def _backbone(self):
         device = resolve_device(self.device)
-        return cached_backbone((type(self).__name__, device, *self._backbone_key()), lambda: self._load_backbone(device))
+        model = self.model
+        source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else id(model)
+        key = (type(self).__name__, device, source, *self._backbone_options())
+        return cached_backbone(key, lambda: self._load_backbone(device), keepalive=model)
 
     def _check_cache_depth(self, backbone):
         if self.cache_depth is None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ..backbones.dit import DiTBackbone, load_dit_backbone
+from ..backbones.dit import load_dit_backbone
 from ..cache import FeatureCache, stable_hash
 from ._base import BaseDiffusionFeatureExtractor, as_list, pool_tokens, sample_generator, single_column
 
@@ -118,9 +118,8 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         self.verbose = verbose
 
     # ---- backbone -------------------------------------------------------------------------------------
-    def _backbone_key(self):
-        source = os.fspath(self.model) if isinstance(self.model, (str, os.PathLike)) else id(self.model)
-        return (source, bool(self.compile))
+    def _backbone_options(self):
+        return (bool(self.compile),)
 
     def _load_backbone(self, device):
         backbone = load_dit_backbone(self.model).to(device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import numbers
-import os
 import warnings
 
 import numpy as np
@@ -114,9 +113,8 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         self.verbose = verbose
 
     # ---- backbone -------------------------------------------------------------------------------------
-    def _backbone_key(self):
-        source = os.fspath(self.model) if isinstance(self.model, (str, os.PathLike)) else id(self.model)
-        return (source, bool(self.trust_remote_code))
+    def _backbone_options(self):
+        return (bool(self.trust_remote_code),)
 
     def _load_backbone(self, device):
         backbone = load_text_backbone(self.model, trust_remote_code=self.trust_remote_code)
