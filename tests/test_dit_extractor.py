@@ -15,7 +15,7 @@ from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.pipeline import Pipeline
 
-from conftest import TINY_DIT_LAYERS
+from conftest import SKLEARN_CHECKS_WITHOUT_DATA, TINY_DIT_LAYERS
 from sklearn_difffeat import DiTFeatureExtractor
 from sklearn_difffeat.extractors import _base
 
@@ -274,11 +274,7 @@ def test_missing_model_folder_is_explained(tmp_path):
         DiTFeatureExtractor(str(tmp_path / "nope")).fit(None)
 
 
-@pytest.mark.parametrize("check", [
-    "check_no_attributes_set_in_init", "check_parameters_default_constructible", "check_get_params_invariance",
-    "check_set_params", "check_estimator_cloneable", "check_estimator_repr", "check_mixin_order",
-    "check_valid_tag_types",
-])
+@pytest.mark.parametrize("check", SKLEARN_CHECKS_WITHOUT_DATA)
 def test_sklearn_checks_that_apply_to_image_input(check):
     # The other checks feed 2-D numeric tables, which an image extractor rightly rejects.
     from sklearn.utils import estimator_checks

@@ -17,6 +17,7 @@ from sklearn_difffeat.extractors import TextDiffusionFeatureExtractor
 from sklearn_difffeat.extractors import text as text_module
 from sklearn_difffeat.extractors._base import clear_backbone_cache
 
+from conftest import SKLEARN_CHECKS_WITHOUT_DATA
 from test_text_backbones import WORDS, make_tiny_mdlm
 
 RNG = np.random.default_rng(0)
@@ -220,11 +221,7 @@ def test_generic_bert_never_masks_special_tokens(tmp_path):
     assert X.shape == (len(TEXTS), 32) and np.isfinite(X).all()
 
 
-@pytest.mark.parametrize("check", [
-    "check_no_attributes_set_in_init", "check_parameters_default_constructible", "check_get_params_invariance",
-    "check_set_params", "check_estimator_cloneable", "check_estimator_repr", "check_mixin_order",
-    "check_valid_tag_types",
-])
+@pytest.mark.parametrize("check", SKLEARN_CHECKS_WITHOUT_DATA)
 def test_sklearn_checks_that_apply_to_text_input(check):
     # The other checks feed numeric arrays, which a text extractor rightly rejects.
     from sklearn.utils import estimator_checks
