@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import joblib
@@ -57,6 +58,12 @@ def _branch_params(params, branch):
 
 
 def run_demo(n_train=1000, n_test=500, output="demo_output", cv=3, verbose=1):
+    """Run the demo; return its summary dict (also written to ``output/summary.json``)."""
+    with warnings.catch_warnings():
+        return _run_demo(n_train, n_test, output, cv, verbose)
+
+
+def _run_demo(n_train, n_test, output, cv, verbose):
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV, KFold
 
@@ -76,7 +83,14 @@ def run_demo(n_train=1000, n_test=500, output="demo_output", cv=3, verbose=1):
     test = load_fashion_mosaics(n_test, split="test", random_state=0)
     say(f"data: {n_train} train / {n_test} test mosaics of real Fashion-MNIST items, {len(train.label_names)} labels")
     image_blocks = range(1, load_dit_backbone(IMAGE_MODEL).num_blocks + 1)
-    text_blocks = range(1, load_text_backbone(TEXT_MODEL).num_blocks + 1)
+    text_backbone = load_text_backbone(TEXT_MODEL)
+    text_blocks = range(1, text_backbone.num_blocks + 1)
+    lengths = [len(ids) for ids in text_backbone.tokenizer(list(train.data["text"]) + list(test.data["text"]))["input_ids"]]
+    too_long = sum(n > text_backbone.max_length for n in lengths)
+    if too_long:
+        # Said once here: the extractor warns on every transform, i.e. for every candidate and fold.
+        say(f"{too_long} of {len(lengths)} captions exceed the text model's {text_backbone.max_length} tokens and are truncated")
+        warnings.filterwarnings("ignore", message=r".*texts are longer than max_length")
 
     folds = KFold(cv, shuffle=True, random_state=0)
     axes = _axes(image_blocks=image_blocks, text_blocks=text_blocks)

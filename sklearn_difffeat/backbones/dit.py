@@ -142,9 +142,12 @@ def load_dit_backbone(model) -> DiTBackbone:
                 f"{folder} is not a DiT pipeline folder: it has no {sub}/ subfolder (expected transformer/, "
                 "scheduler/ and, for latent models, vae/)."
             )
-    transformer = DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    # low_cpu_mem_usage=False: the same loading diffusers falls back to without `accelerate`, minus its warning.
+    transformer = DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer", low_cpu_mem_usage=False)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae") if (folder / "vae").is_dir() else None
+    vae = None
+    if (folder / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", low_cpu_mem_usage=False)
     return DiTBackbone(transformer, scheduler, vae)
 
 
