@@ -67,9 +67,7 @@ def _run_demo(n_train, n_test, output, cv, verbose):
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV, KFold
 
-    from . import BlockTimestepSearchCV
-    from .backbones.dit import load_dit_backbone
-    from .backbones.text import load_text_backbone
+    from . import BlockTimestepSearchCV, DiTFeatureExtractor, TextDiffusionFeatureExtractor
     from .datasets import load_fashion_mosaics
     from .metrics import map_scorer, multilabel_report
 
@@ -82,8 +80,9 @@ def _run_demo(n_train, n_test, output, cv, verbose):
     train = load_fashion_mosaics(n_train, split="train", random_state=0)
     test = load_fashion_mosaics(n_test, split="test", random_state=0)
     say(f"data: {n_train} train / {n_test} test mosaics of real Fashion-MNIST items, {len(train.label_names)} labels")
-    image_blocks = range(1, load_dit_backbone(IMAGE_MODEL).num_blocks + 1)
-    text_backbone = load_text_backbone(TEXT_MODEL)
+    # Loaded through the extractors' process-wide registry, so the pipelines below reuse these weights.
+    image_blocks = range(1, DiTFeatureExtractor(IMAGE_MODEL)._backbone().num_blocks + 1)
+    text_backbone = TextDiffusionFeatureExtractor(TEXT_MODEL)._backbone()
     text_blocks = range(1, text_backbone.num_blocks + 1)
     lengths = [len(ids) for ids in text_backbone.tokenizer(list(train.data["text"]) + list(test.data["text"]))["input_ids"]]
     too_long = sum(n > text_backbone.max_length for n in lengths)
