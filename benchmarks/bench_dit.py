@@ -42,8 +42,14 @@ def build(arch):
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(in_channels=4, out_channels=8, **spec["dit"])
     n_down = len(spec["vae"]["block_out_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * n_down,
-                        up_block_types=["UpDecoderBlock2D"] * n_down, **spec["vae"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * n_down,
+        up_block_types=["UpDecoderBlock2D"] * n_down,
+        **spec["vae"],
+    )
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     resolution = spec["dit"]["sample_size"] * 2 ** (n_down - 1)
     return transformer, vae, scheduler, resolution, spec["block"]
@@ -58,11 +64,15 @@ def naive_features(transformer, vae, images, block, timestep, device, batch_size
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+            x = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
             latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
             t = torch.full((len(x),), timestep, device=device)
             noisy = latents + torch.randn_like(latents)  # noising cost is negligible either way
-            transformer(noisy, timestep=t, class_labels=torch.full((len(x),), transformer.config.num_embeds_ada_norm, device=device))
+            transformer(
+                noisy,
+                timestep=t,
+                class_labels=torch.full((len(x),), transformer.config.num_embeds_ada_norm, device=device),
+            )
             out.append(captured["h"].mean(dim=1).cpu())
     hook.remove()
     return torch.cat(out).numpy()
@@ -95,7 +105,11 @@ def main():
     batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
     transformer, vae, scheduler, resolution, block = build(args.arch)
     images = np.random.default_rng(0).integers(0, 256, size=(n, resolution, resolution, 3), dtype=np.uint8)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"device: {name}; arch: {args.arch} ({resolution}px, block {block}); n={n}; torch {torch.__version__}")
 
     modules = {"transformer": transformer, "vae": vae, "scheduler": scheduler}
@@ -118,7 +132,10 @@ def main():
     print(f"{'naive: full fp32 forward + hook, batch 32':52s} {rate_naive:10.1f}")
     print(f"{'ours: uint8 -> block feature, end to end':52s} {rate_end:10.1f}")
     print(f"{'ours: from cached latents':52s} {rate_cached:10.1f}")
-    print(f"ratio end to end / naive: {rate_end / rate_naive:.2f}x; cached latents / naive: {rate_cached / rate_naive:.2f}x")
+    print(
+        f"ratio end to end / naive: {rate_end / rate_naive:.2f}x; "
+        f"cached latents / naive: {rate_cached / rate_naive:.2f}x"
+    )
 
 
 if __name__ == "__main__":

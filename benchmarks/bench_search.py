@@ -140,25 +140,39 @@ def section_extractors(args):
     cv = KFold(args.cv, shuffle=True, random_state=0)
 
     def pipeline(cache, cache_depth):
-        extractor = DiTFeatureExtractor("embedded:fashion-dit", block=1, timestep=0, cache=cache, cache_depth=cache_depth,
-                                        batch_size=256)
-        return Pipeline([("features", ColumnTransformer([("image", extractor, "image")])),
-                         ("clf", FusionClassifier(lr=1e-3, max_epochs=30, early_stopping=5))])
+        extractor = DiTFeatureExtractor(
+            "embedded:fashion-dit", block=1, timestep=0, cache=cache, cache_depth=cache_depth, batch_size=256
+        )
+        return Pipeline(
+            [
+                ("features", ColumnTransformer([("image", extractor, "image")])),
+                ("clf", FusionClassifier(lr=1e-3, max_epochs=30, early_stopping=5)),
+            ]
+        )
 
     counted = {"images": 0}
     backbone = pipeline(None, None).named_steps["features"].transformers[0][1].fit(None)._backbone()
     backbone.transformer.pos_embed.register_forward_hook(
-        lambda m, a, o: counted.__setitem__("images", counted["images"] + a[0].shape[0]))
+        lambda m, a, o: counted.__setitem__("images", counted["images"] + a[0].shape[0])
+    )
 
-    print(f"\nembedded DiT (8 blocks) on {len(X)} Fashion-MNIST mosaics, FusionClassifier(2048), mAP, cv={args.cv}: "
-          f"grid 8 blocks x 6 timesteps = {size} candidates")
+    print(
+        f"\nembedded DiT (8 blocks) on {len(X)} Fashion-MNIST mosaics, FusionClassifier(2048), mAP, cv={args.cv}: "
+        f"grid 8 blocks x 6 timesteps = {size} candidates"
+    )
     print(f"  without a cache every candidate and fold would push {size * args.cv * len(X)} images through the DiT")
     rows = []
     for name, make in (
         # GridSearchCV knows nothing of blocks: cache_depth=-1 makes each pass store every block.
-        ("exhaustive grid", lambda c: GridSearchCV(pipeline(c, -1), grid, cv=cv, scoring=map_scorer, n_jobs=args.n_jobs)),
+        (
+            "exhaustive grid",
+            lambda c: GridSearchCV(pipeline(c, -1), grid, cv=cv, scoring=map_scorer, n_jobs=args.n_jobs),
+        ),
         # The local search sets cache_depth itself for the block axis it climbs.
-        ("local search", lambda c: BlockTimestepSearchCV(pipeline(c, None), grid, cv=cv, n_jobs=args.n_jobs, random_state=0)),
+        (
+            "local search",
+            lambda c: BlockTimestepSearchCV(pipeline(c, None), grid, cv=cv, n_jobs=args.n_jobs, random_state=0),
+        ),
     ):
         with tempfile.TemporaryDirectory() as cache:
             counted["images"] = 0
@@ -166,12 +180,16 @@ def section_extractors(args):
             seconds = timed(search, X, Y)
         evaluations = getattr(search, "n_evaluations_", size)
         rows.append((name, evaluations, counted["images"], seconds, search.best_score_, search.best_params_))
-        print(f"  {name:<16} {evaluations:>4} cand  {counted['images']:>6} images through the DiT "
-              f"({counted['images'] / len(X):.0f} passes over the data)  {seconds:7.1f} s  best mAP "
-              f"{100 * search.best_score_:.2f}  {search.best_params_}")
+        print(
+            f"  {name:<16} {evaluations:>4} cand  {counted['images']:>6} images through the DiT "
+            f"({counted['images'] / len(X):.0f} passes over the data)  {seconds:7.1f} s  best mAP "
+            f"{100 * search.best_score_:.2f}  {search.best_params_}"
+        )
     (_, e_grid, i_grid, t_grid, s_grid, _), (_, e_loc, i_loc, t_loc, s_loc, _) = rows
-    print(f"  ratio grid/local: {e_grid / e_loc:.1f}x candidates, {i_grid / max(i_loc, 1):.1f}x backbone images, "
-          f"{t_grid / t_loc:.1f}x wall time; score gap {100 * (s_grid - s_loc):.2f} mAP points")
+    print(
+        f"  ratio grid/local: {e_grid / e_loc:.1f}x candidates, {i_grid / max(i_loc, 1):.1f}x backbone images, "
+        f"{t_grid / t_loc:.1f}x wall time; score gap {100 * (s_grid - s_loc):.2f} mAP points"
+    )
 
 
 SECTIONS = [("synthetic landscape", section_synthetic), ("real extractor, embedded DiT", section_extractors)]
@@ -186,8 +204,7 @@ def main():
     parser.add_argument("--n-images", type=int, default=400, help="mosaics for the real-extractor section")
     parser.add_argument("--only", choices=[name for name, _ in SECTIONS], help="run one section")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
-          f"n_jobs={args.n_jobs}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; n_jobs={args.n_jobs}")
     for name, section in SECTIONS:
         if args.only and name != args.only:
             continue

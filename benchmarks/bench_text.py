@@ -128,7 +128,7 @@ def main():
         clear_backbone_cache()
         ext = TextDiffusionFeatureExtractor(backbone, block=block, timestep=0.0, batch_size=batch_size,
                                             device=device).fit(texts[:1])
-        naive, ours = rates([naive_run(backbone.module, ids, block, batch_size), lambda: ext.transform(texts)],
+        naive, ours = rates([naive_run(backbone.module, ids, block, batch_size), lambda ext=ext: ext.transform(texts)],
                             n, args.repeats)
         print(f"block {block:2d}: naive full fp32 forward {naive:9.1f} seq/s | ours ({dtype}, truncated, "
               f"end to end) {ours:9.1f} seq/s | ratio {ours / naive:5.2f}x")

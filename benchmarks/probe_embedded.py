@@ -61,7 +61,10 @@ def main():
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         dit_models = {"trained": "embedded:fashion-dit", "untrained": untrained_copy("fashion-dit", Path(tmp) / "dit")}
-        text_models = {"trained": "embedded:fashion-mdlm", "untrained": untrained_copy("fashion-mdlm", Path(tmp) / "mdlm")}
+        text_models = {
+            "trained": "embedded:fashion-mdlm",
+            "untrained": untrained_copy("fashion-mdlm", Path(tmp) / "mdlm"),
+        }
         for which, model in dit_models.items():
             for pooling in ("none", "mean"):
                 ext = DiTFeatureExtractor(model, block=6, timestep=0, pooling=pooling)
@@ -69,18 +72,23 @@ def main():
         for which, model in text_models.items():
             ext = TextDiffusionFeatureExtractor(model, block=-1, timestep=0.0, pooling="mean")
             rows[f"text model {which}, last block, t=0, mean"] = probe(*features(ext, "text"), C=1.0)
-    pixels = [np.stack(train.data["image"]).reshape(args.n_train, -1) / 255.0,
-              np.stack(test.data["image"]).reshape(args.n_test, -1) / 255.0]
+    pixels = [
+        np.stack(train.data["image"]).reshape(args.n_train, -1) / 255.0,
+        np.stack(test.data["image"]).reshape(args.n_test, -1) / 255.0,
+    ]
     rows["raw pixels"] = probe(*pixels, C=0.1)
     tfidf = TfidfVectorizer().fit(train.data["text"])
     rows["TF-IDF on captions"] = probe(tfidf.transform(train.data["text"]), tfidf.transform(test.data["text"]), C=1.0)
     image_best = rows["DiT trained, block 6, t=0, pooling=none"]
     rows["late fusion: mean of DiT (none) and TF-IDF probabilities"] = (image_best + rows["TF-IDF on captions"]) / 2
     rows["late fusion: mean of DiT (none) and trained text model"] = (
-        image_best + rows["text model trained, last block, t=0, mean"]) / 2
+        image_best + rows["text model trained, last block, t=0, mean"]
+    ) / 2
 
-    print(f"linear probes (StandardScaler + OneVsRest LogisticRegression), {args.n_train} train / {args.n_test} "
-          f"test mosaics, held-out macro mAP")
+    print(
+        f"linear probes (StandardScaler + OneVsRest LogisticRegression), {args.n_train} train / {args.n_test} "
+        f"test mosaics, held-out macro mAP"
+    )
     for name, proba in rows.items():
         print(f"  {name:<60s} {100 * mean_average_precision(test.Y, proba):5.1f}")
 

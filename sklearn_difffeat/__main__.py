@@ -17,7 +17,9 @@ def main(argv=None):
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=0 if args.quiet else 1)
+        run_demo(
+            n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=0 if args.quiet else 1
+        )
     return 0
 
 

@@ -31,14 +31,29 @@ def build_pipeline(cache, image=True, text=True, projection_dim=2048, max_epochs
 
     branches = []
     if image:
-        branches.append(("image", DiTFeatureExtractor(IMAGE_MODEL, block=6, timestep=100, cache=cache, cache_depth=-1, batch_size=128,
-                                                      verbose=verbose), "image"))
+        branches.append(
+            (
+                "image",
+                DiTFeatureExtractor(
+                    IMAGE_MODEL, block=6, timestep=100, cache=cache, cache_depth=-1, batch_size=128, verbose=verbose
+                ),
+                "image",
+            )
+        )
     if text:
-        branches.append(("text", TextDiffusionFeatureExtractor(TEXT_MODEL, block=-1, timestep=0.0, cache=cache, cache_depth=-1,
-                                                               batch_size=128, verbose=verbose), "text"))
+        branches.append(
+            (
+                "text",
+                TextDiffusionFeatureExtractor(
+                    TEXT_MODEL, block=-1, timestep=0.0, cache=cache, cache_depth=-1, batch_size=128, verbose=verbose
+                ),
+                "text",
+            )
+        )
     features = ColumnTransformer(branches).set_output(transform="pandas")
-    clf = FusionClassifier(projection_dim=projection_dim, max_epochs=max_epochs, lr=1e-3, early_stopping=8,
-                           random_state=0)
+    clf = FusionClassifier(
+        projection_dim=projection_dim, max_epochs=max_epochs, lr=1e-3, early_stopping=8, random_state=0
+    )
     return Pipeline([("features", features), ("clf", clf)])
 
 
@@ -84,20 +99,28 @@ def _run_demo(n_train, n_test, output, cv, verbose):
     image_blocks = range(1, DiTFeatureExtractor(IMAGE_MODEL)._backbone().num_blocks + 1)
     text_backbone = TextDiffusionFeatureExtractor(TEXT_MODEL)._backbone()
     text_blocks = range(1, text_backbone.num_blocks + 1)
-    lengths = [len(ids) for ids in text_backbone.tokenizer(list(train.data["text"]) + list(test.data["text"]))["input_ids"]]
+    lengths = [
+        len(ids) for ids in text_backbone.tokenizer(list(train.data["text"]) + list(test.data["text"]))["input_ids"]
+    ]
     too_long = sum(n > text_backbone.max_length for n in lengths)
     if too_long:
         # Said once here: the extractor warns on every transform, i.e. for every candidate and fold.
-        say(f"{too_long} of {len(lengths)} captions exceed the text model's {text_backbone.max_length} tokens and are truncated")
+        say(
+            f"{too_long} of {len(lengths)} captions exceed the text model's {text_backbone.max_length} tokens "
+            "and are truncated"
+        )
         warnings.filterwarnings("ignore", message=r".*texts are longer than max_length")
 
     folds = KFold(cv, shuffle=True, random_state=0)
     axes = _axes(image_blocks=image_blocks, text_blocks=text_blocks)
     grid_size = int(np.prod([len(v) for v in axes.values()]))
-    say(f"local search over {' x '.join(str(len(v)) for v in axes.values())} = {grid_size} (block, timestep) "
-        f"combinations, {cv}-fold CV mAP ...")
-    search = BlockTimestepSearchCV(build_pipeline(cache, verbose=verbose), axes, cv=folds, scoring=map_scorer,
-                                   random_state=0, verbose=verbose)
+    say(
+        f"local search over {' x '.join(str(len(v)) for v in axes.values())} = {grid_size} (block, timestep) "
+        f"combinations, {cv}-fold CV mAP ..."
+    )
+    search = BlockTimestepSearchCV(
+        build_pipeline(cache, verbose=verbose), axes, cv=folds, scoring=map_scorer, random_state=0, verbose=verbose
+    )
     search.fit(train.data, train.Y)
     best = search.best_params_
     say(f"  {search.n_evaluations_} evaluations ({search.stopped_reason_}); best CV mAP {100 * search.best_score_:.1f}")
@@ -127,20 +150,30 @@ def _run_demo(n_train, n_test, output, cv, verbose):
     grid.fit(train.data, train.Y)
     heat = np.full((len(image_blocks), len(IMAGE_TIMESTEPS)), np.nan)
     for params, score in zip(grid.cv_results_["params"], grid.cv_results_["mean_test_score"]):
-        heat[list(image_blocks).index(params["features__image__block"]),
-             IMAGE_TIMESTEPS.index(params["features__image__timestep"])] = score
+        heat[
+            list(image_blocks).index(params["features__image__block"]),
+            IMAGE_TIMESTEPS.index(params["features__image__timestep"]),
+        ] = score
     best_cell = np.unravel_index(np.nanargmax(heat), heat.shape)
     figure = _heatmap(heat, list(image_blocks), search, output / "image_block_timestep_map.png")
 
     elapsed = time.perf_counter() - start_time
     summary = {
-        "n_train": n_train, "n_test": n_test,
+        "n_train": n_train,
+        "n_test": n_test,
         "chosen": {k.replace("features__", ""): v for k, v in best.items()},
-        "cv_map": search.best_score_, "evaluations": search.n_evaluations_, "grid_size": grid_size,
+        "cv_map": search.best_score_,
+        "evaluations": search.n_evaluations_,
+        "grid_size": grid_size,
         "stopped": search.stopped_reason_,
-        "image_grid_best": {"block": int(list(image_blocks)[best_cell[0]]), "timestep": IMAGE_TIMESTEPS[best_cell[1]],
-                            "cv_map": float(heat[best_cell])},
-        "held_out": rows, "reload_identical": identical, "seconds": elapsed,
+        "image_grid_best": {
+            "block": int(list(image_blocks)[best_cell[0]]),
+            "timestep": IMAGE_TIMESTEPS[best_cell[1]],
+            "cv_map": float(heat[best_cell]),
+        },
+        "held_out": rows,
+        "reload_identical": identical,
+        "seconds": elapsed,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _print_table(summary, figure, model_path, say)
@@ -160,11 +193,20 @@ def _print_table(summary, figure, model_path, say):
         "fused": "both of the above",
     }
     for name, report in summary["held_out"].items():
-        say(f"{name:<12} {choice[name]:<26} {100 * report['mAP']:6.1f} {100 * report['CF1']:6.1f} {100 * report['OF1']:6.1f}")
-    say(f"local search: {summary['evaluations']} evaluations of {summary['grid_size']} grid points "
-        f"({100 * summary['evaluations'] / summary['grid_size']:.1f}%), stopped at a {summary['stopped'].replace('_', ' ')}")
+        say(
+            f"{name:<12} {choice[name]:<26} {100 * report['mAP']:6.1f} {100 * report['CF1']:6.1f} "
+            f"{100 * report['OF1']:6.1f}"
+        )
+    say(
+        f"local search: {summary['evaluations']} evaluations of {summary['grid_size']} grid points "
+        f"({100 * summary['evaluations'] / summary['grid_size']:.1f}%), "
+        f"stopped at a {summary['stopped'].replace('_', ' ')}"
+    )
     g = summary["image_grid_best"]
-    say(f"image grid optimum (for the heatmap, image only): block {g['block']}, t={g['timestep']}, CV mAP {100 * g['cv_map']:.1f}")
+    say(
+        f"image grid optimum (for the heatmap, image only): block {g['block']}, t={g['timestep']}, "
+        f"CV mAP {100 * g['cv_map']:.1f}"
+    )
     say(f"saved {model_path}; reloaded predictions identical: {summary['reload_identical']}")
     say(f"heatmap: {figure}; summary: {Path(model_path).parent / 'summary.json'}; {summary['seconds']:.0f} s")
 
@@ -185,11 +227,24 @@ def _heatmap(heat, blocks, search, path):
     for i in range(heat.shape[0]):
         for j in range(heat.shape[1]):
             bright = heat[i, j] > np.nanmin(heat) + 0.6 * (np.nanmax(heat) - np.nanmin(heat))
-            ax.text(j, i, f"{100 * heat[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                    color="black" if bright else "white")
+            ax.text(
+                j,
+                i,
+                f"{100 * heat[i, j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if bright else "white",
+            )
     # Where the joint local search went (its image coordinates), start to end.
-    path_points = [(IMAGE_TIMESTEPS.index(p["params"]["features__image__timestep"]),
-                    blocks.index(p["params"]["features__image__block"])) for p in search.search_path_ if p.get("params")]
+    path_points = [
+        (
+            IMAGE_TIMESTEPS.index(p["params"]["features__image__timestep"]),
+            blocks.index(p["params"]["features__image__block"]),
+        )
+        for p in search.search_path_
+        if p.get("params")
+    ]
     xs, ys = zip(*path_points)
     ax.plot(xs, ys, "-o", color="red", markersize=4, label="local search path (fused)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)

@@ -275,7 +275,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
                 raise ValueError(
                     f"modalities widths {widths} add up to {sum(widths)}, but X has {n_features} features."
                 )
-            bounds = np.cumsum([0] + widths)
+            bounds = np.cumsum([0, *widths])
             return {f"m{i}": np.arange(bounds[i], bounds[i + 1]) for i in range(len(widths))}
         raise ValueError(
             f"modalities must be 'auto', a non-empty list of widths or a dict name -> columns; got {spec!r}."

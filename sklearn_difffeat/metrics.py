@@ -23,12 +23,12 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 __all__ = [
+    "SCORERS",
+    "cf1_scorer",
+    "map_scorer",
     "mean_average_precision",
     "multilabel_report",
-    "map_scorer",
-    "cf1_scorer",
     "of1_scorer",
-    "SCORERS",
 ]
 
 

@@ -337,7 +337,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
                 for d in (-1, 1):
                     i = current[k] + d
                     if 0 <= i < len(values):
-                        p = current[:k] + (i,) + current[k + 1:]
+                        p = (*current[:k], i, *current[k + 1:])
                         if p not in scores:
                             neighbours.append(p)
             if rng is not None:

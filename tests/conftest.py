@@ -28,7 +28,9 @@ class PassCounter:
             backbone.vae.encoder.register_forward_hook(self._on_encode),
         ]
         for k, block in enumerate(backbone.transformer.transformer_blocks, start=1):
-            self._hooks.append(block.register_forward_hook(lambda *a, k=k: setattr(self, "deepest", max(self.deepest, k))))
+            self._hooks.append(
+                block.register_forward_hook(lambda *a, k=k: setattr(self, "deepest", max(self.deepest, k)))
+            )
 
     def _on_pass(self, module, args, out):
         self.passes += 1
@@ -68,8 +70,11 @@ def build_tiny_dit_pipeline(folder, with_vae=True, seed=0):
     DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear").save_pretrained(
         folder / "scheduler"
     )
-    index = {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
-             "scheduler": ["diffusers", "DDIMScheduler"]}
+    index = {
+        "_class_name": "DiTPipeline",
+        "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
     if with_vae:
         vae = AutoencoderKL(
             in_channels=3,

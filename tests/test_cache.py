@@ -6,8 +6,9 @@ import textwrap
 
 import numpy as np
 
-from conftest import PassCounter
 from sklearn_difffeat import DiTFeatureExtractor, FeatureCache
+
+from conftest import PassCounter
 
 
 def test_store_merges_and_load_misses(tmp_path):
@@ -61,7 +62,11 @@ def test_parameters_that_change_features_do_not_share_entries(tiny_dit_dir, rgb_
     a = DiTFeatureExtractor(str(tiny_dit_dir), **base).fit(rgb_images).transform(rgb_images)
     for change in (dict(random_state=5), dict(pooling="max"), dict(class_label=3), dict(n_noise_draws=2)):
         cached = DiTFeatureExtractor(str(tiny_dit_dir), **base, **change).fit(rgb_images).transform(rgb_images)
-        fresh = DiTFeatureExtractor(str(tiny_dit_dir), **{**base, "cache": None}, **change).fit(rgb_images).transform(rgb_images)
+        fresh = (
+            DiTFeatureExtractor(str(tiny_dit_dir), **{**base, "cache": None}, **change)
+            .fit(rgb_images)
+            .transform(rgb_images)
+        )
         np.testing.assert_allclose(cached, fresh, atol=1e-6)
         assert np.abs(cached - a).max() > 1e-5, change
 
@@ -86,7 +91,9 @@ _WORKER = textwrap.dedent(
 
 
 def _worker(model, cache, data, out, kill_after=10**6):
-    return subprocess.Popen([sys.executable, "-c", _WORKER, str(model), str(cache), str(data), str(out), str(kill_after)])
+    return subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(model), str(cache), str(data), str(out), str(kill_after)]
+    )
 
 
 def test_killed_extraction_keeps_finished_batches(tiny_dit_dir, tmp_path):

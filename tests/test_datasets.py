@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from sklearn_difffeat.datasets import CLASS_NAMES, load_fashion_mosaics, load_fashion_sources, mentioned_classes
-from sklearn_difffeat.datasets import _fashion
+from sklearn_difffeat.datasets import (
+    CLASS_NAMES,
+    _fashion,
+    load_fashion_mosaics,
+    load_fashion_sources,
+    mentioned_classes,
+)
 
 EMBEDDED = Path(_fashion.__file__).resolve().parents[1] / "embedded"
 
@@ -83,9 +88,15 @@ def test_captions_never_mention_absent_classes():
 def test_caption_vocabulary_is_clean():
     # The project's templates, positions and fillers mention no class; each class's glosses and names mention
     # only that class.
-    fixed = (_fashion.NAME_TEMPLATES + _fashion.LIST_TEMPLATES + _fashion.GLOSS_TEMPLATES + _fashion.FILLERS
-             + [_fashion.POS_GLOSS_TEMPLATE] + [p.format(cell=c) for p in _fashion.POSITIONS for c in _fashion.CELL_NAMES]
-             + [t for ts in _fashion.COUNT_TEMPLATES.values() for t in ts])
+    fixed = (
+        _fashion.NAME_TEMPLATES
+        + _fashion.LIST_TEMPLATES
+        + _fashion.GLOSS_TEMPLATES
+        + _fashion.FILLERS
+        + [_fashion.POS_GLOSS_TEMPLATE]
+        + [p.format(cell=c) for p in _fashion.POSITIONS for c in _fashion.CELL_NAMES]
+        + [t for ts in _fashion.COUNT_TEMPLATES.values() for t in ts]
+    )
     for text in fixed:
         assert mentioned_classes(text.replace("{", "").replace("}", "")) == set(), text
     for c, entry in enumerate(_fashion._text_resources()):
@@ -112,8 +123,15 @@ def test_train_and_test_use_disjoint_sources():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(n_samples=0), dict(n_samples=2.5), dict(split="valid"), dict(random_state=-1),
-               dict(random_state="a"), dict(mention_prob=1.5)]
+    "kwargs",
+    [
+        dict(n_samples=0),
+        dict(n_samples=2.5),
+        dict(split="valid"),
+        dict(random_state=-1),
+        dict(random_state="a"),
+        dict(mention_prob=1.5),
+    ],
 )
 def test_bad_parameters(kwargs):
     with pytest.raises(ValueError):

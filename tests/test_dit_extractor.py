@@ -15,9 +15,10 @@ from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.pipeline import Pipeline
 
-from conftest import SKLEARN_CHECKS_WITHOUT_DATA, TINY_DIT_LAYERS
 from sklearn_difffeat import DiTFeatureExtractor
 from sklearn_difffeat.extractors import _base
+
+from conftest import SKLEARN_CHECKS_WITHOUT_DATA, TINY_DIT_LAYERS
 
 RES = 16  # tiny VAE: 2x downsampling to an 8x8 latent
 
@@ -107,12 +108,22 @@ def test_pixel_space_model_noises_the_image(tiny_pixel_dit_dir):
 
 def test_features_do_not_depend_on_batch_or_order(tiny_dit_dir, rgb_images):
     kwargs = dict(block=[2, 5], timestep=[100, 600])
-    reference = DiTFeatureExtractor(str(tiny_dit_dir), batch_size=len(rgb_images), **kwargs).fit(rgb_images).transform(rgb_images)
+    reference = (
+        DiTFeatureExtractor(str(tiny_dit_dir), batch_size=len(rgb_images), **kwargs)
+        .fit(rgb_images)
+        .transform(rgb_images)
+    )
     for batch_size in (1, 3):
-        got = DiTFeatureExtractor(str(tiny_dit_dir), batch_size=batch_size, **kwargs).fit(rgb_images).transform(rgb_images)
+        got = (
+            DiTFeatureExtractor(str(tiny_dit_dir), batch_size=batch_size, **kwargs)
+            .fit(rgb_images)
+            .transform(rgb_images)
+        )
         np.testing.assert_allclose(got, reference, atol=1e-5)
     order = np.random.default_rng(0).permutation(len(rgb_images))
-    shuffled = DiTFeatureExtractor(str(tiny_dit_dir), batch_size=3, **kwargs).fit(rgb_images).transform(rgb_images[order])
+    shuffled = (
+        DiTFeatureExtractor(str(tiny_dit_dir), batch_size=3, **kwargs).fit(rgb_images).transform(rgb_images[order])
+    )
     np.testing.assert_allclose(shuffled, reference[order], atol=1e-5)
     # a sample's features do not depend on the other samples
     alone = DiTFeatureExtractor(str(tiny_dit_dir), **kwargs).fit(rgb_images).transform(rgb_images[4:5])
@@ -128,7 +139,11 @@ def test_features_identical_across_processes(tiny_dit_dir, rgb_images, tmp_path)
         f"np.save({str(tmp_path / 'f.npy')!r}, F)"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
-    here = DiTFeatureExtractor(str(tiny_dit_dir), block=3, timestep=250, batch_size=2).fit(rgb_images).transform(rgb_images)
+    here = (
+        DiTFeatureExtractor(str(tiny_dit_dir), block=3, timestep=250, batch_size=2)
+        .fit(rgb_images)
+        .transform(rgb_images)
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), here)
 
 
@@ -138,7 +153,9 @@ def test_different_blocks_differ_and_one_pass_serves_all_blocks(tiny_dit_dir, rg
     calls = {"embed": 0, "blocks": [0] * TINY_DIT_LAYERS}
     hooks = [transformer.pos_embed.register_forward_hook(lambda *a: calls.__setitem__("embed", calls["embed"] + 1))]
     for k, block in enumerate(transformer.transformer_blocks):
-        hooks.append(block.register_forward_hook(lambda *a, k=k: calls["blocks"].__setitem__(k, calls["blocks"][k] + 1)))
+        hooks.append(
+            block.register_forward_hook(lambda *a, k=k: calls["blocks"].__setitem__(k, calls["blocks"][k] + 1))
+        )
     features = ext.transform(rgb_images)
     for h in hooks:
         h.remove()
@@ -166,8 +183,16 @@ def test_feature_layout_names_and_pooling(tiny_dit_dir, rgb_images):
 
 def test_noise_draws_average(tiny_dit_dir, rgb_images):
     one = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=900).fit(rgb_images).transform(rgb_images)
-    two = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=900, n_noise_draws=2).fit(rgb_images).transform(rgb_images)
-    other_seed = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=900, random_state=1).fit(rgb_images).transform(rgb_images)
+    two = (
+        DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=900, n_noise_draws=2)
+        .fit(rgb_images)
+        .transform(rgb_images)
+    )
+    other_seed = (
+        DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=900, random_state=1)
+        .fit(rgb_images)
+        .transform(rgb_images)
+    )
     assert np.abs(one - two).max() > 1e-4 and np.abs(one - other_seed).max() > 1e-4
 
 
@@ -211,7 +236,7 @@ def test_resize_and_center_crop(tiny_dit_dir):
     rng = np.random.default_rng(3)
     middle = rng.integers(0, 256, size=(RES, RES, 3), dtype=np.uint8)
     wide = np.zeros((RES, 2 * RES, 3), dtype=np.uint8)
-    wide[:, RES // 2:RES // 2 + RES] = middle
+    wide[:, RES // 2 : RES // 2 + RES] = middle
     ext = DiTFeatureExtractor(str(tiny_dit_dir), block=1).fit(None)
     np.testing.assert_allclose(ext.transform([wide]), ext.transform(middle[None]), atol=1e-6)
 
@@ -292,7 +317,11 @@ def test_fit_does_not_change_parameters(tiny_dit_dir, rgb_images):
 def test_bfloat16_autocast_path_stays_close(tiny_dit_dir, rgb_images):
     # The CUDA default (bf16 autocast), exercised on CPU; features still come back as float32.
     fp32 = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=300).fit(rgb_images).transform(rgb_images)
-    bf16 = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=300, dtype="bfloat16").fit(rgb_images).transform(rgb_images)
+    bf16 = (
+        DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=300, dtype="bfloat16")
+        .fit(rgb_images)
+        .transform(rgb_images)
+    )
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(bf16, fp32, atol=0.1, rtol=0.05)
 
@@ -312,9 +341,13 @@ def test_out_of_memory_halves_the_batch_and_goes_on(tiny_dit_dir, rgb_images, mo
     monkeypatch.setattr(DiTFeatureExtractor, "_batch_features", fails_above_two)
     np.testing.assert_allclose(ext.transform(rgb_images), reference, atol=1e-5)
     assert sizes[:3] == [7, 4, 2] and set(sizes[3:]) <= {1, 2}  # halved until it fits, then kept
-    monkeypatch.setattr(DiTFeatureExtractor, "_batch_features", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    monkeypatch.setattr(
+        DiTFeatureExtractor, "_batch_features", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x"))
+    )
     with pytest.raises(torch.OutOfMemoryError):  # a batch of one that does not fit is reported, not looped on
-        DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=1).fit(rgb_images).transform(rgb_images)
+        DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=1).fit(rgb_images).transform(
+            rgb_images
+        )
 
 
 def test_compile_wraps_each_block_and_keeps_features(tiny_dit_dir, rgb_images, monkeypatch):
@@ -329,7 +362,11 @@ def test_compile_wraps_each_block_and_keeps_features(tiny_dit_dir, rgb_images, m
 
     monkeypatch.setattr(torch, "compile", spy)
     plain = DiTFeatureExtractor(str(tiny_dit_dir), block=[2, 4], timestep=300).fit(rgb_images).transform(rgb_images)
-    got = DiTFeatureExtractor(str(tiny_dit_dir), block=[2, 4], timestep=300, compile=True).fit(rgb_images).transform(rgb_images)
+    got = (
+        DiTFeatureExtractor(str(tiny_dit_dir), block=[2, 4], timestep=300, compile=True)
+        .fit(rgb_images)
+        .transform(rgb_images)
+    )
     assert len(compiled) == TINY_DIT_LAYERS
     np.testing.assert_allclose(got, plain, atol=1e-5)
 
@@ -342,8 +379,11 @@ def test_built_modules_work_and_are_never_confused(tiny_dit_dir, rgb_images):
         with torch.no_grad():
             for p in transformer.parameters():
                 p.mul_(scale)
-        return {"transformer": transformer, "vae": AutoencoderKL.from_pretrained(tiny_dit_dir, subfolder="vae"),
-                "scheduler": DDIMScheduler.from_pretrained(tiny_dit_dir, subfolder="scheduler")}
+        return {
+            "transformer": transformer,
+            "vae": AutoencoderKL.from_pretrained(tiny_dit_dir, subfolder="vae"),
+            "scheduler": DDIMScheduler.from_pretrained(tiny_dit_dir, subfolder="scheduler"),
+        }
 
     by_path = DiTFeatureExtractor(str(tiny_dit_dir), block=3, timestep=100).fit(None).transform(rgb_images)
     # Each dict is dropped right after use, so Python could hand its id to the next one.

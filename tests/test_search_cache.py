@@ -3,6 +3,7 @@ each image through the VAE once, whatever the number of candidates and folds."""
 
 import joblib
 import numpy as np
+import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, KFold
@@ -10,10 +11,10 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-import pandas as pd
-from conftest import PassCounter
 from sklearn_difffeat import BlockTimestepSearchCV, DiTFeatureExtractor
 from sklearn_difffeat.metrics import map_scorer
+
+from conftest import PassCounter
 
 GRID = {"features__image__block": [1, 2, 3, 4, 5], "features__image__timestep": [50, 200, 500, 800]}
 
@@ -27,12 +28,16 @@ def _data():
 
 
 def _pipeline(model_dir, cache, **extractor_params):
-    extractor = DiTFeatureExtractor(str(model_dir), block=1, timestep=50, cache=str(cache), batch_size=64, **extractor_params)
-    return Pipeline([
-        ("features", ColumnTransformer([("image", extractor, "image")])),
-        ("scale", StandardScaler()),
-        ("clf", OneVsRestClassifier(LogisticRegression(max_iter=200))),
-    ])
+    extractor = DiTFeatureExtractor(
+        str(model_dir), block=1, timestep=50, cache=str(cache), batch_size=64, **extractor_params
+    )
+    return Pipeline(
+        [
+            ("features", ColumnTransformer([("image", extractor, "image")])),
+            ("scale", StandardScaler()),
+            ("clf", OneVsRestClassifier(LogisticRegression(max_iter=200))),
+        ]
+    )
 
 
 class ImagesThroughDiT(PassCounter):
@@ -60,7 +65,9 @@ def test_grid_and_local_search_share_one_pass_per_image_and_timestep(tiny_dit_di
     assert counter.passes <= n * len(visited_timesteps)
     assert search.n_evaluations_ == len(search.cv_results_["params"]) < 20
     # the scores are those of the grid at the same candidates (same folds, same features)
-    grid_scores = {tuple(sorted(p.items())): s for p, s in zip(grid.cv_results_["params"], grid.cv_results_["mean_test_score"])}
+    grid_scores = {
+        tuple(sorted(p.items())): s for p, s in zip(grid.cv_results_["params"], grid.cv_results_["mean_test_score"])
+    }
     for params, score in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"]):
         np.testing.assert_allclose(score, grid_scores[tuple(sorted(params.items()))], atol=1e-6)
 

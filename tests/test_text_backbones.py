@@ -12,8 +12,45 @@ from sklearn_difffeat.backbones.hf_masked_lm import HFMaskedLMBackbone
 from sklearn_difffeat.backbones.mdlm import DDiTConfig, DDiTModel, MDLMBackbone, loglinear_sigma
 from sklearn_difffeat.backbones.text import load_text_backbone
 
-WORDS = ("the a cat dog sat ran on under mat rug big small red blue green one two three four five six "
-         "seven eight nine ten house tree bird fish sky sea sun moon star car road hill").split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "rug",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "house",
+    "tree",
+    "bird",
+    "fish",
+    "sky",
+    "sea",
+    "sun",
+    "moon",
+    "star",
+    "car",
+    "road",
+    "hill",
+]
 
 
 def make_tokenizer():
@@ -33,8 +70,16 @@ def make_tiny_mdlm(folder, time_conditioning=False, seed=0, n_blocks=3, model_le
     Every weight, adaLN included, is random and non-zero so that the modulation and gates matter.
     """
     torch.manual_seed(seed)
-    cfg = DDiTConfig(vocab_size=50, model_length=model_length, hidden_dim=32, cond_dim=16, n_blocks=n_blocks,
-                     n_heads=4, dropout=0.1, time_conditioning=time_conditioning)
+    cfg = DDiTConfig(
+        vocab_size=50,
+        model_length=model_length,
+        hidden_dim=32,
+        cond_dim=16,
+        n_blocks=n_blocks,
+        n_heads=4,
+        dropout=0.1,
+        time_conditioning=time_conditioning,
+    )
     model = DDiTModel(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -72,7 +117,7 @@ def reference_blocks(folder, ids, sigma, attention_mask=None):
         return x / (1 + torch.exp(-x))
 
     def gelu_tanh(x):
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
     sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(B)
     if not cfg["time_conditioning"]:
@@ -88,7 +133,7 @@ def reference_blocks(folder, ids, sigma, attention_mask=None):
     cos, sin = torch.cos(theta), torch.sin(theta)  # (L, d/2)
 
     def rope(x):  # (B, H, L, d)
-        a, b = x[..., : d // 2], x[..., d // 2:]
+        a, b = x[..., : d // 2], x[..., d // 2 :]
         return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
 
     x = w["backbone.vocab_embed.embedding"][ids]
@@ -96,7 +141,7 @@ def reference_blocks(folder, ids, sigma, attention_mask=None):
     for i in range(cfg["n_blocks"]):
         p = f"backbone.blocks.{i}"
         mod = linear(c, p + ".adaLN_modulation")[:, None, :]
-        sh1, sc1, g1, sh2, sc2, g2 = (mod[..., j * D:(j + 1) * D] for j in range(6))
+        sh1, sc1, g1, sh2, sc2, g2 = (mod[..., j * D : (j + 1) * D] for j in range(6))
         h = layernorm(x, w[p + ".norm1.weight"]) * (1 + sc1) + sh1
         qkv = linear(h, p + ".attn_qkv", bias=False).reshape(B, L, 3, H, d).permute(2, 0, 3, 1, 4)
         q, kk, v = rope(qkv[0]), rope(qkv[1]), qkv[2]
@@ -153,8 +198,9 @@ def test_native_padding_mask_matches_reference(mdlm_dirs):
 def test_truncation_runs_no_deeper_block(mdlm_dirs):
     backbone = load_text_backbone(mdlm_dirs[False])
     calls = []
-    handles = [blk.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, blk in
-               enumerate(backbone.module.blocks)]
+    handles = [
+        blk.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, blk in enumerate(backbone.module.blocks)
+    ]
     try:
         out = backbone.hidden_states(torch.randint(3, 50, (1, 5)), None, None, blocks=[-3, 1])
     finally:
@@ -185,19 +231,31 @@ def test_save_load_round_trip_uses_hub_names(mdlm_dirs, tmp_path):
     folder = mdlm_dirs[True]
     model = DDiTModel.from_pretrained(folder)
     names = set(load_file(str(folder / "model.safetensors")))
-    expected = {"backbone.vocab_embed.embedding", "backbone.rotary_emb.inv_freq",
-                "backbone.output_layer.norm_final.weight"}
+    expected = {
+        "backbone.vocab_embed.embedding",
+        "backbone.rotary_emb.inv_freq",
+        "backbone.output_layer.norm_final.weight",
+    }
     expected |= {f"backbone.sigma_map.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     expected |= {f"backbone.output_layer.{m}.{p}" for m in ("linear", "adaLN_modulation") for p in ("weight", "bias")}
     for b in range(3):
         expected |= {f"backbone.blocks.{b}.{n}.weight" for n in ("norm1", "norm2", "attn_qkv", "attn_out")}
-        expected |= {f"backbone.blocks.{b}.{m}.{p}" for m in ("mlp.0", "mlp.2", "adaLN_modulation")
-                     for p in ("weight", "bias")}
+        expected |= {
+            f"backbone.blocks.{b}.{m}.{p}" for m in ("mlp.0", "mlp.2", "adaLN_modulation") for p in ("weight", "bias")
+        }
     assert names == expected
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "mdlm" and cfg["architectures"] == ["MDLM"]
-    assert {"vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads", "dropout",
-            "time_conditioning"} <= set(cfg)
+    assert {
+        "vocab_size",
+        "model_length",
+        "hidden_dim",
+        "cond_dim",
+        "n_blocks",
+        "n_heads",
+        "dropout",
+        "time_conditioning",
+    } <= set(cfg)
 
     model.save_pretrained(tmp_path / "again")
     again = DDiTModel.from_pretrained(tmp_path / "again")
@@ -211,9 +269,16 @@ def test_save_load_round_trip_uses_hub_names(mdlm_dirs, tmp_path):
 
 
 def test_config_keeps_unknown_fields_and_drops_auto_map(tmp_path):
-    cfg = DDiTConfig.from_dict({"model_type": "mdlm", "n_blocks": 2, "hidden_dim": 16, "n_heads": 2,
-                                "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig"},
-                                "return_dict": False})
+    cfg = DDiTConfig.from_dict(
+        {
+            "model_type": "mdlm",
+            "n_blocks": 2,
+            "hidden_dim": 16,
+            "n_heads": 2,
+            "auto_map": {"AutoConfig": "configuration_mdlm.MDLMConfig"},
+            "return_dict": False,
+        }
+    )
     cfg.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
     assert data["return_dict"] is False and "auto_map" not in data and data["n_blocks"] == 2
@@ -227,8 +292,15 @@ def bert_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bert")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     BertForMaskedLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

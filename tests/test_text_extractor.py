@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
+from test_text_backbones import WORDS, make_tiny_mdlm
 
 from sklearn_difffeat.backbones.mdlm import loglinear_sigma
 from sklearn_difffeat.backbones.text import load_text_backbone
@@ -18,7 +19,6 @@ from sklearn_difffeat.extractors import text as text_module
 from sklearn_difffeat.extractors._base import clear_backbone_cache
 
 from conftest import SKLEARN_CHECKS_WITHOUT_DATA
-from test_text_backbones import WORDS, make_tiny_mdlm
 
 RNG = np.random.default_rng(0)
 TEXTS = [" ".join(RNG.choice(WORDS, size=n)) for n in (3, 9, 5, 12, 1, 7, 4, 10)]

@@ -49,7 +49,7 @@ class Log:
         # Runs into another folder (smoke tests) log there, leaving the shipped model's log alone.
         path = Path(out) / "train_log.txt" if out else LOGS / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w")
+        self.file = open(path, "w")  # noqa: SIM115 (open for the whole training run)
 
     def __call__(self, msg):
         print(msg, flush=True)
@@ -170,7 +170,8 @@ def definitions(n, rng):
         names = [x["phrase"] for x in entry["names"]]
         a, b = (names[i] for i in rng.choice(len(names), size=2, replace=False))
         g = entry["glosses"][rng.integers(len(entry["glosses"]))]["text"]
-        text = DEFINITION_TEMPLATES[rng.integers(len(DEFINITION_TEMPLATES))].format(A=a[0].upper() + a[1:], a=a, b=b, g=g)
+        template = DEFINITION_TEMPLATES[rng.integers(len(DEFINITION_TEMPLATES))]
+        text = template.format(A=a[0].upper() + a[1:], a=a, b=b, g=g)
         out.append(text)
     return out
 
@@ -197,8 +198,13 @@ def train_tokenizer(texts, folder):
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", mask_token="[MASK]",
-                                   unk_token="[UNK]", model_max_length=MDLM_CONFIG["model_length"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        unk_token="[UNK]",
+        model_max_length=MDLM_CONFIG["model_length"],
+    )
     fast.save_pretrained(folder)
     # transformers 5 writes its new class name; the old alias loads in both 4.x and 5.x.
     config_file = Path(folder) / "tokenizer_config.json"
@@ -239,16 +245,20 @@ def train_mdlm(args):
     enc = tok(texts, padding="max_length", truncation=True, max_length=L, return_tensors="pt")
     ids, attn = enc["input_ids"], enc["attention_mask"]
     lengths = attn.sum(1).float()
-    log(f"corpus: {len(texts)} texts, vocab {tok.vocab_size}, tokens/text mean {lengths.mean():.1f} "
-        f"max {int(lengths.max())} (truncated at {L}: {(lengths >= L).sum().item()}), {time.time() - t0:.0f} s")
+    log(
+        f"corpus: {len(texts)} texts, vocab {tok.vocab_size}, tokens/text mean {lengths.mean():.1f} "
+        f"max {int(lengths.max())} (truncated at {L}: {(lengths >= L).sum().item()}), {time.time() - t0:.0f} s"
+    )
     test_texts = list(load_fashion_mosaics(256, split="test", random_state=SEED).data["text"])
     tenc = tok(test_texts, padding="max_length", truncation=True, max_length=L, return_tensors="pt")
 
     config = DDiTConfig(vocab_size=len(tok), **MDLM_CONFIG)
     model = DDiTModel(config)
     mask_id = tok.mask_token_id
-    log(f"DDiT config {config.to_dict()}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-        f"mask id {mask_id}")
+    log(
+        f"DDiT config {config.to_dict()}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+        f"mask id {mask_id}"
+    )
     tg = torch.Generator().manual_seed(1)
     t_fixed = torch.full((len(test_texts),), 0.5)
     u_fixed = torch.rand(tenc["input_ids"].shape, generator=tg)
@@ -281,8 +291,10 @@ def train_mdlm(args):
         window.append(loss.item())
         wce.append(ce.item())
         if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-            log(f"step {step + 1:5d}/{steps}  loss {np.mean(window):.4f}  masked CE {np.mean(wce):.4f}  "
-                f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:.0f} s")
+            log(
+                f"step {step + 1:5d}/{steps}  loss {np.mean(window):.4f}  masked CE {np.mean(wce):.4f}  "
+                f"lr {opt.param_groups[0]['lr']:.2e}  {time.time() - t0:.0f} s"
+            )
             window, wce = [], []
     log(f"final test CE on masked tokens at t=0.5: {test_loss():.4f}")
     log(f"training wall time {time.time() - t0:.0f} s on {torch.get_num_threads()} thread(s)")

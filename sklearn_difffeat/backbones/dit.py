@@ -78,13 +78,13 @@ class DiTBackbone:
         size = self.transformer.config.sample_size
         return (self.transformer.config.in_channels, size, size)
 
-    def to(self, device) -> "DiTBackbone":
+    def to(self, device) -> DiTBackbone:
         self.transformer.to(device)
         if self.vae is not None:
             self.vae.to(device)
         return self
 
-    def compile(self) -> "DiTBackbone":
+    def compile(self) -> DiTBackbone:
         # Blocks are compiled one by one: forward hooks and whole-model compile interact badly, and diffusers'
         # compile_repeated_blocks() does not support DiT.
         self.compiled_blocks = [torch.compile(block) for block in self.transformer.transformer_blocks]
@@ -127,7 +127,8 @@ def load_dit_backbone(model) -> DiTBackbone:
     if isinstance(model, DiTBackbone):
         return model
     if isinstance(model, dict) or hasattr(model, "transformer"):
-        parts = model if isinstance(model, dict) else {k: getattr(model, k, None) for k in ("transformer", "scheduler", "vae")}
+        names = ("transformer", "scheduler", "vae")
+        parts = model if isinstance(model, dict) else {k: getattr(model, k, None) for k in names}
         missing = [k for k in ("transformer", "scheduler") if parts.get(k) is None]
         if missing:
             raise ValueError(f"model is missing {missing}; give at least a transformer and a scheduler.")

@@ -95,7 +95,7 @@ class HFMaskedLMBackbone(WeightsFingerprint):
         return None  # unknown layout: every request runs the full forward
 
     @classmethod
-    def from_pretrained(cls, folder, trust_remote_code: bool = False, dtype=None) -> "HFMaskedLMBackbone":
+    def from_pretrained(cls, folder, trust_remote_code: bool = False, dtype=None) -> HFMaskedLMBackbone:
         from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
         check_remote_code(folder, trust_remote_code)

@@ -103,7 +103,7 @@ class DDiTConfig:
             )
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DDiTConfig":
+    def from_dict(cls, data: dict) -> DDiTConfig:
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         # model_type / architectures are rewritten on save; auto_map points at remote code we never ship.
@@ -116,7 +116,7 @@ class DDiTConfig:
         return {"model_type": "mdlm", "architectures": ["MDLM"], **data, **extra}
 
     @classmethod
-    def from_pretrained(cls, folder) -> "DDiTConfig":
+    def from_pretrained(cls, folder) -> DDiTConfig:
         return cls.from_dict(json.loads((Path(folder) / CONFIG_NAME).read_text()))
 
     def save_pretrained(self, folder) -> None:
@@ -329,7 +329,7 @@ class DDiTModel(nn.Module):
         save_file(state, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, folder) -> "DDiTModel":
+    def from_pretrained(cls, folder) -> DDiTModel:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -345,7 +345,6 @@ class DDiTModel(nn.Module):
 def load_mdlm_tokenizer(folder):
     """The folder's own tokenizer if it has one, else MDLM's GPT-2 tokenizer (hub "gpt2", online only)."""
     from transformers import AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
@@ -386,7 +385,7 @@ class MDLMBackbone(WeightsFingerprint):
         self.time_conditioned = bool(cfg.time_conditioning)
 
     @classmethod
-    def from_pretrained(cls, folder) -> "MDLMBackbone":
+    def from_pretrained(cls, folder) -> MDLMBackbone:
         model = DDiTModel.from_pretrained(folder)
         return cls(model, load_mdlm_tokenizer(folder))
 

@@ -22,7 +22,7 @@ from ._hub import resolve_model_dir
 from .hf_masked_lm import HFMaskedLMBackbone
 from .mdlm import MDLMBackbone, is_mdlm_config, loglinear_sigma
 
-__all__ = ["load_text_backbone", "is_text_backbone", "loglinear_sigma", "MDLMBackbone", "HFMaskedLMBackbone"]
+__all__ = ["HFMaskedLMBackbone", "MDLMBackbone", "is_text_backbone", "load_text_backbone", "loglinear_sigma"]
 
 _INTERFACE = ("tokenizer", "mask_token_id", "pad_token_id", "num_blocks", "width", "max_length", "module",
               "time_conditioned", "hidden_states")

@@ -111,9 +111,8 @@ def _text_resources():
 
 @lru_cache(maxsize=2)
 def _sources(split):
-    with resources.files(__package__).joinpath("data", "fashion_mnist_subset.npz").open("rb") as f:
-        with np.load(f) as z:
-            images, labels = z[f"{split}_images"], z[f"{split}_labels"].astype(np.int64)
+    with resources.files(__package__).joinpath("data", "fashion_mnist_subset.npz").open("rb") as f, np.load(f) as z:
+        images, labels = z[f"{split}_images"], z[f"{split}_labels"].astype(np.int64)
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels

@@ -243,7 +243,8 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         progress = tqdm(total=total, disable=not self.verbose or total == 0, desc=type(self).__name__, unit="sample")
         with progress:
             for ti, t, namespace, todo in plan:
-                for idx, feats in self._compute_in_batches(backbone, items, fingerprints, todo, t, computed_blocks, state):
+                batches = self._compute_in_batches(backbone, items, fingerprints, todo, t, computed_blocks, state)
+                for idx, feats in batches:
                     for bi, b in enumerate(blocks):
                         out[idx, bi, ti] = feats[b]
                     if cache is not None:  # per batch, so an interrupted extraction keeps what it finished
@@ -260,7 +261,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         batch_size = self.batch_size
         start = 0
         while start < len(todo):
-            idx = todo[start:start + batch_size]
+            idx = todo[start : start + batch_size]
             try:
                 feats = self._batch_features(
                     backbone, [items[i] for i in idx], [fingerprints[i] for i in idx], timestep, blocks, state

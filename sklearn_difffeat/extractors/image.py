@@ -168,7 +168,10 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         pooled = {}
         for draw in range(self.n_noise_draws):
             noise = torch.stack(
-                [torch.randn(backbone.latent_shape, generator=sample_generator(self.random_state, fp, draw)) for fp in fingerprints]
+                [
+                    torch.randn(backbone.latent_shape, generator=sample_generator(self.random_state, fp, draw))
+                    for fp in fingerprints
+                ]
             ).to(device)
             x_t = backbone.add_noise(x0, noise, steps)
             with torch.inference_mode(), self._autocast(device):
@@ -274,7 +277,9 @@ def _array_to_uint8(array, index):
         return np.round(array * 255).astype(np.uint8)
     if array.dtype.kind in "iu":
         if array.min() < 0 or array.max() > 255:
-            raise ValueError(f"Image {index}: integer pixels must lie in [0, 255], found [{array.min()}, {array.max()}].")
+            raise ValueError(
+                f"Image {index}: integer pixels must lie in [0, 255], found [{array.min()}, {array.max()}]."
+            )
         return array.astype(np.uint8)
     raise ValueError(f"Image {index}: unsupported dtype {array.dtype} (use uint8, or float in [0, 1]).")
 
