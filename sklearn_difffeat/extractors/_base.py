@@ -199,6 +199,8 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         self._check_timesteps(backbone)
         self._check_model_params(backbone)
         self._check_cache_depth(backbone)
+        self.n_blocks_ = backbone.num_blocks
+        self.feature_width_ = self._feature_width(backbone)
         self.n_features_out_ = len(self._feature_names(backbone))
         return self
 
