@@ -3,22 +3,29 @@
 `BlockTimestepSearchCV` climbs a grid of ordered axes (e.g. image block, image timestep, text block, text
 timestep) from a prior starting point, one neighbourhood at a time, instead of scoring the whole grid. It is a
 `BaseSearchCV`, so cross-validation, scoring, refit, `cv_results_` and joblib parallelism are scikit-learn's.
-It works on any estimator: nothing here knows about the extractors.
+It works on any estimator: nothing here knows about the extractors. Where to start and what to tell the
+estimator comes from the priors it is handed (`sklearn_difffeat.search_priors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import re
+import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from sklearn.base import _fit_context, clone
+from sklearn.base import _fit_context
+from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import KFold
 from sklearn.model_selection._search import BaseSearchCV
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metadata_routing import get_routing_for_object
 from sklearn.utils.multiclass import type_of_target
+
+from .search_priors import DiffFeatPriors, SearchPriors
 
 __all__ = ["BlockTimestepSearchCV"]
 
@@ -67,56 +74,6 @@ def _check_axes(param_grid):
     return axes
 
 
-def _branch(name):
-    """'text', 'image' or None, from the parameter path (see docs/search.md)."""
-    lowered = name.lower()
-    if "text" in lowered:
-        return "text"
-    parents = lowered.split("__")[:-1]
-    if "image" in lowered or any(p.startswith("dit") for p in parents):
-        return "image"
-    return None
-
-
-def _prior_index(name, values):
-    """Index of the paper's prior for one axis: image block 12, middle image t, deepest text block, text t=0."""
-    middle = len(values) // 2
-    lowered, branch = name.lower(), _branch(name)
-    try:
-        if branch == "image" and lowered.endswith("block"):
-            i = _index_of(values, 12)
-            return middle if i is None else i
-        if branch == "text" and lowered.endswith("block"):
-            # -1 is "the deepest block" in our block convention, so it beats the largest listed value.
-            i = _index_of(values, -1)
-            return values.index(max(values)) if i is None else i
-        if branch == "text" and lowered.endswith("timestep"):
-            return values.index(min(values))
-    except TypeError:  # values that do not order (max/min): fall back to the middle
-        pass
-    return middle
-
-
-def _announce_cache_depths(estimator, axes):
-    """Tell cached extractors the deepest block the search may ask for.
-
-    For an axis ``<prefix>block`` whose estimator also has ``<prefix>cache_depth`` left at None, return a
-    clone with that depth set: each backbone pass at a timestep then stores every block the search can visit,
-    so moving along the block axis costs no new pass. Other estimators are returned unchanged.
-    """
-    params = estimator.get_params()
-    depths = {}
-    for name, values in axes:
-        if not name.endswith("block"):
-            continue
-        depth_param = name[: -len("block")] + "cache_depth"
-        if depth_param in params and params[depth_param] is None:
-            ints = [int(v) for v in values if isinstance(v, numbers.Integral)]
-            if ints:  # -1 (deepest) covers any negative index, which needs the model's depth to compare
-                depths[depth_param] = -1 if min(ints) < 0 else max(ints)
-    return clone(estimator).set_params(**depths) if depths else estimator
-
-
 class _FrozenSplits:
     """Splits computed once and reused, so every search step scores candidates on the same folds.
 
@@ -140,6 +97,104 @@ class _FrozenSplits:
         return get_routing_for_object(self.cv)  # so `groups` still reaches a group-aware splitter
 
 
+_ALL_FAILED = re.compile(r"All the \d+ fits failed")
+_NON_FINITE = r"One or more of the (test|train) scores are non-finite"
+
+
+def _all_fits_failed(err):
+    """Whether `err` is scikit-learn's "All the N fits failed" error (it has no class of its own)."""
+    return isinstance(err, ValueError) and _ALL_FAILED.search(str(err)) is not None
+
+
+def _failure_summary(err):
+    """The last line of each distinct traceback in scikit-learn's "fits failed" message, e.g.
+    "ValueError: block=99 is out of range ...", joined by " | "."""
+    text = str(err)
+    _, _, details = text.partition("Below are more details about the failures:")
+    lines = []
+    for chunk in re.split(r"-{20,}\n", details):
+        tail = [ln.strip() for ln in chunk.strip().splitlines() if ln.strip()]
+        if tail and tail[-1] not in lines:
+            lines.append(tail[-1])
+    return " | ".join(lines) if lines else text.strip()
+
+
+class _FitState:
+    """What one `fit` hands to the `BaseSearchCV` hooks it overrides (`_run_search`, `_format_results`,
+    `_get_scorers`), which scikit-learn calls with fixed signatures.
+
+    It lives on the search only during `fit`. scikit-learn ships the search itself to each fit task (as
+    `caller`), so it pickles as an empty state: tasks on joblib or Dask workers stay small and never carry the
+    progress bar or the running results.
+    """
+
+    def __init__(self, axes=None, start=None, shared=None, cv=None, scorer=None):
+        self.axes, self.start, self.shared, self.cv, self.scorer = axes, start, shared, cv, scorer
+        self.failed = None  # (candidates, step, error) of a step where every fit failed: always the last step
+        self.formatted = None  # the latest arguments of _format_results: scikit-learn's running lists
+        self.results = None  # the latest results dict, the very object `BaseSearchCV.fit` keeps as cv_results_
+
+    def __reduce__(self):
+        return (_FitState, ())
+
+    def failed_on_every_fold(self, n):
+        """For each of the latest `n` candidates scikit-learn evaluated, whether all its fits failed."""
+        _, n_splits, out, _ = self.formatted
+        fits = out[len(out) - n * n_splits :]
+        return np.array(
+            [all(f["fit_error"] is not None for f in fits[i * n_splits : (i + 1) * n_splits]) for i in range(n)]
+        )
+
+    def with_failed_step(self, error_score):
+        """The arguments of _format_results with the failed step's rows appended, each fit like scikit-learn's own
+        failed fits: `error_score` as score, the error as `fit_error`, and no timing."""
+        candidate_params, n_splits, out, more_results = self.formatted
+        candidates, step, error = self.failed
+        template = out[:n_splits]  # the start's fits: the keys of a fit result, and the test sizes per split
+
+        def failed_fit(split):
+            fit = dict(template[split], fit_error=error, fit_time=np.nan, score_time=np.nan)
+            for key in ("test_scores", "train_scores"):
+                if key in fit:
+                    fit[key] = dict.fromkeys(fit[key], error_score) if isinstance(fit[key], dict) else error_score
+            return fit
+
+        return (
+            [*candidate_params, *candidates],
+            n_splits,
+            [*out, *(failed_fit(j) for _ in candidates for j in range(n_splits))],
+            {**more_results, "search_step": [*more_results["search_step"], *[step] * len(candidates)]},
+        )
+
+
+class _Progress:
+    """The search's progress for `verbose=1`: one tqdm bar over candidates, whose total grows as steps are
+    planned. Other levels get a stand-in that does nothing."""
+
+    def __init__(self, verbose, grid_size):
+        self.bar = None
+        if verbose == 1:
+            from tqdm.auto import tqdm  # lazy: only a verbose search needs it
+
+            self.bar = tqdm(total=0, desc="BlockTimestepSearchCV", unit="candidate")
+        self.grid_size = grid_size
+
+    def plan(self, n, step):
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.set_postfix_str(f"step {step}, grid {self.grid_size}", refresh=True)
+
+    def done(self, n, step, best):
+        if self.bar is not None:
+            shown = "nan" if not np.isfinite(best) else f"{best:.4g}"
+            self.bar.set_postfix_str(f"step {step}, best {shown}, grid {self.grid_size}", refresh=False)
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 class BlockTimestepSearchCV(BaseSearchCV):
     """Hill-climbing search over ordered parameter axes, with cross-validation.
 
@@ -155,12 +210,18 @@ class BlockTimestepSearchCV(BaseSearchCV):
     param_grid : dict of str -> sequence
         Ordered axes: parameter name -> its values in search order (neighbours are adjacent positions).
     start : dict of str -> value, default=None
-        Starting point; axes it leaves out get their default prior (see docs/search.md). Each value must be
-        one of its axis's values.
-    scoring, refit, n_jobs, verbose, pre_dispatch, error_score, return_train_score
+        Starting point; axes it leaves out get the prior of `priors`. Each value must be one of its axis's
+        values.
+    priors : "diff-feat", None or object, default="diff-feat"
+        Where the search starts and which parameters every candidate gets besides the axes: an object with
+        `start(axes)` and `shared_params(estimator, axes)` (see `sklearn_difffeat.search_priors`).
+        "diff-feat" is `DiffFeatPriors()`: the paper's priors, read from the axis names, and the extractors'
+        cache depth. None: the middle of every axis, nothing shared.
+    scoring, refit, n_jobs, pre_dispatch, error_score, return_train_score
         As in `GridSearchCV`. With multi-metric scoring, `refit` must name the metric to climb.
         For multi-label indicator targets, `scoring=None` means mean average precision
-        (`sklearn_difffeat.metrics.map_scorer`).
+        (`sklearn_difffeat.metrics.map_scorer`). A candidate whose fits all fail never counts as an
+        improvement, whatever `error_score`; with `error_score="raise"` the first failure raises.
     cv : int, cross-validation generator or iterable, default=5
         As in `GridSearchCV`, except that an int with multi-label indicator targets means
         `KFold(cv, shuffle=True, random_state=random_state)`. Splits are computed once per `fit` and shared by
@@ -175,12 +236,17 @@ class BlockTimestepSearchCV(BaseSearchCV):
     random_state : int, RandomState or None, default=None
         Seeds the default multi-label KFold and, when not None, shuffles the neighbour order (which breaks ties
         and picks the neighbours evaluated when `max_evaluations` cuts a batch short).
+    verbose : int, default=0
+        0: silent. 1: one progress bar for the whole search (candidates evaluated of those planned so far, the
+        grid size, the best score), without scikit-learn's per-step "Fitting ..." lines. 2 and more: no bar, a
+        line per step, and scikit-learn's own messages as `GridSearchCV(verbose=verbose)` prints them.
 
     Attributes
     ----------
     cv_results_, best_params_, best_score_, best_index_, best_estimator_, scorer_, n_splits_, refit_time_,
     multimetric_
         As in `GridSearchCV`; `cv_results_` rows are in evaluation order and carry a `search_step` column.
+        The shared parameters appear in every row's params, so `best_params_` rebuilds `best_estimator_`.
     search_path_ : list of dict
         The points the search moved through: `step`, `params`, `score`, `move` ('start', 'improve' or
         'plateau'), `n_evaluations` (cumulative) and `stopped` (None except on the last entry, where it is
@@ -192,13 +258,16 @@ class BlockTimestepSearchCV(BaseSearchCV):
     grid_size_ : int
         Number of points of the full grid.
     start_params_ : dict
-        The starting point used.
+        The starting point used, on the grid's axes.
+    shared_params_ : dict
+        The parameters the priors gave every candidate besides the axes.
     """
 
     _parameter_constraints: dict = {
         **BaseSearchCV._parameter_constraints,
         "param_grid": [dict],
         "start": [dict, None],
+        "priors": [StrOptions({"diff-feat"}), HasMethods(["start", "shared_params"]), None],
         "max_evaluations": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "patience": [Interval(numbers.Integral, 0, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="left")],
@@ -211,6 +280,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
         param_grid,
         *,
         start=None,
+        priors="diff-feat",
         scoring=None,
         cv=5,
         refit=True,
@@ -237,23 +307,64 @@ class BlockTimestepSearchCV(BaseSearchCV):
         )
         self.param_grid = param_grid
         self.start = start
+        self.priors = priors
         self.max_evaluations = max_evaluations
         self.patience = patience
         self.tol = tol
         self.random_state = random_state
 
-    def _start_point(self, axes):
-        point = [_prior_index(name, values) for name, values in axes]
+    # ---- what fit resolves before scikit-learn's BaseSearchCV.fit runs ------------------------------------
+    def _resolved_priors(self):
+        if self.priors is None:
+            return SearchPriors()
+        return DiffFeatPriors() if isinstance(self.priors, str) else self.priors
+
+    def _start_point(self, axes, priors):
         names = [name for name, _ in axes]
-        for name, value in (self.start or {}).items():
-            if name not in names:
-                raise ValueError(f"start names {name!r}, which is not an axis of param_grid; axes: {names}.")
-            k = names.index(name)
-            i = _index_of(axes[k][1], value)
-            if i is None:
-                raise ValueError(f"start[{name!r}]={value!r} is not among param_grid[{name!r}]={axes[k][1]!r}.")
-            point[k] = i
+        point = [len(values) // 2 for _, values in axes]
+        for source, chosen in ((f"{priors!r}.start", priors.start(dict(axes))), ("start", self.start or {})):
+            for name, value in chosen.items():
+                if name not in names:
+                    raise ValueError(f"{source} names {name!r}, which is not an axis of param_grid; axes: {names}.")
+                k = names.index(name)
+                i = _index_of(axes[k][1], value)
+                if i is None:
+                    raise ValueError(
+                        f"{source}[{name!r}]={value!r} is not among param_grid[{name!r}]={axes[k][1]!r}."
+                    )
+                point[k] = i
         return tuple(point)
+
+    def _shared_params(self, axes, priors):
+        shared = dict(priors.shared_params(self.estimator, dict(axes)))
+        known, names = self.estimator.get_params(), {name for name, _ in axes}
+        for name in shared:
+            if name in names:
+                raise ValueError(f"priors={priors!r} shares {name!r}, which is an axis of param_grid.")
+            if name not in known:
+                raise ValueError(f"priors={priors!r} shares {name!r}, which is not a parameter of the estimator.")
+        return shared
+
+    def _resolved_scoring_and_cv(self, y):
+        """The default scorer and frozen splitter for this `y` (None: scikit-learn's own from the parameters)."""
+        try:
+            multilabel = y is not None and type_of_target(y) == "multilabel-indicator"
+        except ValueError:
+            multilabel = False
+        scorer, cv = None, None
+        if multilabel and self.scoring is None:
+            from sklearn_difffeat.metrics import map_scorer  # lazy: metrics is optional for non-multi-label use
+
+            scorer = map_scorer
+        if multilabel and (self.cv is None or isinstance(self.cv, numbers.Integral)):
+            # StratifiedKFold (sklearn's classifier default) rejects multi-label targets. scikit-learn's own
+            # check_cv gives the same number of splits (KFold(cv) for these targets), so n_splits_ agrees.
+            cv = _FrozenSplits(KFold(5 if self.cv is None else self.cv, shuffle=True, random_state=self.random_state))
+        elif hasattr(self.cv, "split"):
+            cv = _FrozenSplits(self.cv)
+        # An int gives scikit-learn's unshuffled K-fold and an iterable is listed once by check_cv: both are the
+        # same at every step, so scikit-learn's own splitter serves them.
+        return scorer, cv
 
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None, **params):
@@ -261,36 +372,48 @@ class BlockTimestepSearchCV(BaseSearchCV):
 
         Parameters are those of `GridSearchCV.fit`.
         """
-        self._axes = _check_axes(self.param_grid)
-        self._start = self._start_point(self._axes)
-
-        try:
-            multilabel = y is not None and type_of_target(y) == "multilabel-indicator"
-        except ValueError:
-            multilabel = False
-        scoring, cv = self.scoring, self.cv
-        if multilabel and scoring is None:
-            from sklearn_difffeat.metrics import map_scorer  # lazy: metrics is optional for non-multi-label use
-
-            scoring = map_scorer
-        if multilabel and (cv is None or isinstance(cv, numbers.Integral)):
-            # StratifiedKFold (sklearn's classifier default) rejects multi-label targets.
-            cv = KFold(5 if cv is None else cv, shuffle=True, random_state=self.random_state)
-        if hasattr(cv, "split"):
-            cv = _FrozenSplits(cv)
-        elif cv is not None and not isinstance(cv, numbers.Integral):
-            cv = list(cv)  # a one-shot generator of splits would be exhausted after the first step
-
-        # BaseSearchCV.fit reads self.scoring / self.cv / self.estimator; swap in the resolved ones only for its
-        # duration.
-        saved = self.scoring, self.cv, self.estimator
-        self.scoring, self.cv = scoring, cv
-        self.estimator = _announce_cache_depths(self.estimator, self._axes)
+        axes = _check_axes(self.param_grid)
+        priors = self._resolved_priors()
+        start = self._start_point(axes, priors)
+        shared = self._shared_params(axes, priors)
+        scorer, cv = self._resolved_scoring_and_cv(y)
+        self._fit_state = _FitState(axes, start, shared, cv, scorer)
         try:
             return super().fit(X, y, **params)
         finally:
-            self.scoring, self.cv, self.estimator = saved
-            del self._axes, self._start
+            del self._fit_state
+
+    # ---- BaseSearchCV hooks ------------------------------------------------------------------------------
+    def _get_scorers(self):
+        state = getattr(self, "_fit_state", None)
+        if state is not None and state.scorer is not None:
+            return state.scorer, "score"
+        return super()._get_scorers()
+
+    def _format_results(self, candidate_params, n_splits, out, more_results=None):
+        state = getattr(self, "_fit_state", None)
+        if state is None or state.axes is None:
+            return super()._format_results(candidate_params, n_splits, out, more_results)
+        state.formatted = (candidate_params, n_splits, out, more_results)
+        with warnings.catch_warnings():
+            # Said once, at the end of the search, instead of at every step after a failure.
+            warnings.filterwarnings("ignore", message=_NON_FINITE, category=UserWarning)
+            state.results = super()._format_results(candidate_params, n_splits, out, more_results)
+        return state.results
+
+    @contextlib.contextmanager
+    def _quiet_sklearn(self):
+        """At verbose=1 the progress bar replaces scikit-learn's "Fitting N folds for each of M candidates" line,
+        which `evaluate_candidates` prints whenever `self.verbose > 0` and has no other switch for; per-fit lines
+        only come at verbose > 1, so nothing else is lost."""
+        if self.verbose != 1:
+            yield
+            return
+        self.verbose = 0
+        try:
+            yield
+        finally:
+            self.verbose = 1
 
     def _climb_metric(self, results):
         if isinstance(self.refit, str) and f"mean_test_{self.refit}" in results:
@@ -303,77 +426,139 @@ class BlockTimestepSearchCV(BaseSearchCV):
         )
 
     def _run_search(self, evaluate_candidates):
-        axes = self._axes
+        state = self._fit_state
+        axes = state.axes
         names = [name for name, _ in axes]
         rng = None if self.random_state is None else check_random_state(self.random_state)
         self.grid_size_ = int(np.prod([len(values) for _, values in axes]))
+        self.shared_params_ = dict(state.shared)
         limit = self.max_evaluations if self.max_evaluations is not None else self.grid_size_
+        talk = self.verbose >= 2
+        if talk and state.shared:
+            print(f"[BlockTimestepSearchCV] every candidate also gets {state.shared}")
 
-        def params_of(point):
+        def point_params(point):
             return {name: values[i] for (name, values), i in zip(axes, point)}
 
-        scores = {}  # point -> mean test score of the climbed metric; doubles as the visited set
-        step = 0
+        def candidate(point):
+            return {**point_params(point), **state.shared}
 
-        def evaluate(points):
-            results = evaluate_candidates(
-                [params_of(p) for p in points], more_results={"search_step": [step] * len(points)}
-            )
-            metric = self._climb_metric(results)
-            new = np.asarray(results[f"mean_test_{metric}"][-len(points):], dtype=float)
-            # A failed fit (error_score=nan) must never look like an improvement.
-            new = np.where(np.isnan(new), -np.inf, new)
+        scores = {}  # point -> mean test score of the climbed metric (-inf: failed); doubles as the visited set
+
+        def evaluate(points, step):
+            candidates = [candidate(p) for p in points]
+            n = len(points)
+            progress.plan(n, step)
+            try:
+                with self._quiet_sklearn():
+                    results = evaluate_candidates(candidates, cv=state.cv, more_results={"search_step": [step] * n})
+            except ValueError as err:
+                if self.error_score == "raise" or not _all_fits_failed(err):
+                    raise
+                summary = _failure_summary(err)
+                if step == 0:
+                    raise ValueError(
+                        f"The search's start point {candidates[0]} failed on every CV fold, so there is nothing to "
+                        f"climb from: {summary}. Fix the estimator, or pass `start=` a point of the grid that fits "
+                        "(error_score='raise' shows the full traceback)."
+                    ) from err
+                warnings.warn(
+                    f"Step {step} of the search: every fit of its {n} candidate(s) failed, so none of them is a "
+                    f"move: {[point_params(p) for p in points]}: {summary}",
+                    FitFailedWarning,
+                    stacklevel=2,
+                )
+                state.failed = (candidates, step, summary)
+                new = np.full(n, -np.inf)  # nothing beats the best, so this step ends the search
+            else:
+                metric = self._climb_metric(results)
+                new = np.asarray(results[f"mean_test_{metric}"][-n:], dtype=float)
+                # A candidate that failed on every fold (whatever error_score says) or scored nan never wins.
+                new = np.where(np.isnan(new) | state.failed_on_every_fold(n), -np.inf, new)
             scores.update(zip(points, new.tolist()))
             return new
 
-        current = self._start
-        best = evaluate([current])[0]
-        self.start_params_ = params_of(current)
-        self.search_path_ = [self._path_entry(0, params_of(current), best, "start", len(scores))]
-        waited = 0
-        while True:
-            neighbours = []
-            for k, (_, values) in enumerate(axes):
-                for d in (-1, 1):
-                    i = current[k] + d
-                    if 0 <= i < len(values):
-                        p = (*current[:k], i, *current[k + 1:])
-                        if p not in scores:
-                            neighbours.append(p)
-            if rng is not None:
-                neighbours = [neighbours[i] for i in rng.permutation(len(neighbours))]
-            budget = limit - len(scores)
-            if not neighbours:
-                reason = LOCAL_OPTIMUM
-                break
-            if budget <= 0:
-                reason = MAX_EVALUATIONS
-                break
-            batch = neighbours[:budget]
-            step += 1
-            new = evaluate(batch)
-            j = int(np.argmax(new))  # first in neighbour order on ties
-            if new[j] > best + self.tol:
-                move, waited, best = "improve", 0, new[j]
-            elif len(batch) < len(neighbours):
-                reason = MAX_EVALUATIONS  # an unevaluated neighbour might still have improved
-                break
-            elif waited < self.patience:
-                move, waited = "plateau", waited + 1
-            else:
-                reason = LOCAL_OPTIMUM
-                break
-            current = batch[j]
-            self.search_path_.append(self._path_entry(step, params_of(current), new[j], move, len(scores)))
-            if self.verbose > 0:
-                print(f"[BlockTimestepSearchCV] step {step}: {move} to {params_of(current)} score={new[j]:.6g}")
+        progress = _Progress(self.verbose, self.grid_size_)
+        try:
+            current = state.start
+            best = evaluate([current], 0)[0]
+            progress.done(1, 0, best)
+            self.start_params_ = point_params(current)
+            self.search_path_ = [self._path_entry(0, candidate(current), best, "start", len(scores))]
+            if talk:
+                print(f"[BlockTimestepSearchCV] start at {self.start_params_} score={best:.6g}")
+            waited, step = 0, 0
+            while True:
+                neighbours = []
+                for k, (_, values) in enumerate(axes):
+                    for d in (-1, 1):
+                        i = current[k] + d
+                        if 0 <= i < len(values):
+                            p = (*current[:k], i, *current[k + 1 :])
+                            if p not in scores:
+                                neighbours.append(p)
+                if rng is not None:
+                    neighbours = [neighbours[i] for i in rng.permutation(len(neighbours))]
+                budget = limit - len(scores)
+                if not neighbours:
+                    reason = LOCAL_OPTIMUM
+                    break
+                if budget <= 0:
+                    reason = MAX_EVALUATIONS
+                    break
+                batch = neighbours[:budget]
+                step += 1
+                if talk:
+                    print(f"[BlockTimestepSearchCV] step {step}: {len(batch)} neighbour(s) of {point_params(current)}")
+                new = evaluate(batch, step)
+                j = int(np.argmax(new))  # first in neighbour order on ties
+                progress.done(len(batch), step, max(best, new[j]))
+                if new[j] > best + self.tol:
+                    move, waited, best = "improve", 0, new[j]
+                elif len(batch) < len(neighbours):
+                    reason = MAX_EVALUATIONS  # an unevaluated neighbour might still have improved
+                    break
+                elif waited < self.patience and np.isfinite(new[j]):  # never a move onto a failed point
+                    move, waited = "plateau", waited + 1
+                else:
+                    reason = LOCAL_OPTIMUM
+                    break
+                current = batch[j]
+                self.search_path_.append(self._path_entry(step, candidate(current), new[j], move, len(scores)))
+                if talk:
+                    print(f"[BlockTimestepSearchCV] step {step}: {move} to {point_params(current)} score={new[j]:.6g}")
+        finally:
+            progress.close()
 
+        if state.failed is not None:
+            # scikit-learn drops a call whose fits all failed; put its rows back in the very dict BaseSearchCV.fit
+            # goes on to rank, pick best_params_ and refit from, and keep as cv_results_.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NON_FINITE, category=UserWarning)
+                fresh = super()._format_results(*state.with_failed_step(self.error_score))
+            state.results.clear()
+            state.results.update(fresh)
+        self._warn_non_finite(state.results)
         self.search_path_[-1]["stopped"] = reason
         self.stopped_reason_ = reason
         self.n_evaluations_ = len(scores)
-        if self.verbose > 0:
-            print(f"[BlockTimestepSearchCV] stopped ({reason}) after {self.n_evaluations_} of "
-                  f"{self.grid_size_} candidates; axes {names}")
+        if talk:
+            print(
+                f"[BlockTimestepSearchCV] stopped ({reason}) after {self.n_evaluations_} of {self.grid_size_} "
+                f"candidates; axes {names}"
+            )
+
+    @staticmethod
+    def _warn_non_finite(results):
+        for key in [k for k in results if k.startswith(("mean_test_", "mean_train_"))]:
+            bad = ~np.isfinite(np.asarray(results[key], dtype=float))
+            if bad.any():
+                warnings.warn(
+                    f"{int(bad.sum())} of {bad.size} evaluated candidates have a non-finite {key} (failed fits or "
+                    f"nan scores), e.g. {results['params'][int(np.argmax(bad))]}; see cv_results_.",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     @staticmethod
     def _path_entry(step, params, score, move, n_evaluations):

@@ -186,7 +186,7 @@ def test_patience_allows_plateau_moves():
     assert [e["move"] for e in s.search_path_] == ["start", "plateau", "plateau", "improve", "improve"]
 
 
-@pytest.mark.filterwarnings("ignore:One or more of the test scores are non-finite")
+@pytest.mark.filterwarnings("ignore:1 of 3 evaluated candidates have a non-finite mean_test_score")
 def test_tol_and_nan_scores():
     table = (0.0, 1.0, 1.05, np.nan)
     s = search(OneAxis(table=table), {"x": range(4)}, start={"x": 1}, tol=0.1).fit(*data())

@@ -1,0 +1,147 @@
+"""Where a block x timestep search starts, and what it tells the extractors: the search's priors.
+
+`BlockTimestepSearchCV` climbs any grid of ordered axes and knows nothing of extractors. What is specific to
+Diff-Feat lives here, in an object the search is handed through its `priors` parameter:
+
+- `start(axes)`: the starting point, {axis name: value} for the axes the priors have an opinion on (the search
+  takes the middle value of the others);
+- `shared_params(estimator, axes)`: parameters set on every candidate besides the grid axes (they appear in
+  `cv_results_["params"]` like one-valued axes).
+
+`SearchPriors` is the neutral base (no opinion, nothing shared; the same as `priors=None`); subclass it to write
+your own. `DiffFeatPriors` is the default: the paper's priors and the cache-depth announcement.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+from sklearn.base import clone
+
+__all__ = ["DiffFeatPriors", "SearchPriors"]
+
+
+def _index_of(values, value):
+    """Position of `value` in `values` by `==` that tolerates values whose `==` is not a plain bool."""
+    for i, v in enumerate(values):
+        try:
+            if v is value or bool(v == value):
+                return i
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+class SearchPriors:
+    """Neutral priors: start in the middle of every axis, share nothing. Subclass and override either method."""
+
+    def start(self, axes):
+        """Starting values, {name: value} for some or all axes; `axes` maps each name to its list of values."""
+        return {}
+
+    def shared_params(self, estimator, axes):
+        """Parameters (not axes of the grid) that every candidate gets, as {name: value}."""
+        return {}
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def _branch(name):
+    """'text', 'image' or None, from the parameter path (see docs/search.md)."""
+    lowered = name.lower()
+    if "text" in lowered:
+        return "text"
+    parents = lowered.split("__")[:-1]
+    if "image" in lowered or any(p.startswith("dit") for p in parents):
+        return "image"
+    return None
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class DiffFeatPriors(SearchPriors):
+    """The Diff-Feat priors and the cache-depth announcement, read from parameter names.
+
+    Start (Lan, Zheng, Yin 2025): image block 12 (else the middle value), the middle image timestep, the deepest
+    text block (`-1` if listed, else the largest value), the smallest text timestep (no noise). An axis is on the
+    text branch when its name contains `text`, on the image branch when it contains `image` or a path part starts
+    with `dit`; other axes get the middle value.
+
+    Shared parameters: for an axis `<prefix>block` whose estimator `<prefix>` has a feature cache
+    (`<prefix>cache` not None) and leaves `<prefix>cache_depth` at None, every candidate gets
+    `<prefix>cache_depth` = the deepest block of the axis that exists in the model, so the first backbone pass at a
+    timestep stores every block the search can visit. The model's depth is read from `n_blocks_` of a fitted
+    clone of that estimator (loaded weights are shared within a process, so this costs no second load). Blocks
+    beyond the model's depth are left out of the announcement and fail only their own candidates.
+    """
+
+    def start(self, axes):
+        return {name: values[self._prior_index(name, values)] for name, values in axes.items()}
+
+    @staticmethod
+    def _prior_index(name, values):
+        middle = len(values) // 2
+        lowered, branch = name.lower(), _branch(name)
+        try:
+            if branch == "image" and lowered.endswith("block"):
+                i = _index_of(values, 12)
+                return middle if i is None else i
+            if branch == "text" and lowered.endswith("block"):
+                # -1 is "the deepest block" in the block convention, so it beats the largest listed value.
+                i = _index_of(values, -1)
+                return values.index(max(values)) if i is None else i
+            if branch == "text" and lowered.endswith("timestep"):
+                return values.index(min(values))
+        except TypeError:  # values that do not order (max/min): fall back to the middle
+            pass
+        return middle
+
+    def shared_params(self, estimator, axes):
+        params = estimator.get_params()
+        shared = {}
+        for name, values in axes.items():
+            if not name.endswith("block"):
+                continue
+            prefix = name[: -len("block")]
+            if prefix and not prefix.endswith("__"):
+                continue  # e.g. "textblock": not the `block` parameter of a sub-estimator
+            depth_param, cache_param = prefix + "cache_depth", prefix + "cache"
+            # Only an estimator with a cache gains from passes that go deeper than asked; an explicit depth is
+            # the user's choice.
+            if depth_param not in params or params[depth_param] is not None or params.get(cache_param) is None:
+                continue
+            blocks = [int(v) for v in values if _is_int(v)]
+            if not blocks:
+                continue
+            owner = params[prefix[:-2]] if prefix else estimator
+            n_blocks = self._model_depth(owner, prefix[:-2] or type(estimator).__name__)
+            if n_blocks is None:
+                continue
+            # The block convention: 0..n from the embedding, -(n+1)..-1 from the end.
+            valid = [b + n_blocks + 1 if b < 0 else b for b in blocks if -(n_blocks + 1) <= b <= n_blocks]
+            if valid:
+                shared[depth_param] = max(valid)
+        return shared
+
+    @staticmethod
+    def _model_depth(owner, where):
+        """`n_blocks_` of a fitted clone of `owner`, or None (with a warning) when it cannot be had."""
+        probe = clone(owner)
+        own = probe.get_params(deep=False)
+        # The probe only loads the model: the deepest block is valid for any depth, and it must touch no cache.
+        probe.set_params(**{k: v for k, v in {"block": -1, "cache": None, "verbose": 0}.items() if k in own})
+        try:
+            probe.fit()
+            return int(probe.n_blocks_)
+        except Exception as err:  # any failure only means "no announcement": the candidates report their own
+            warnings.warn(
+                f"DiffFeatPriors could not read the model depth of {where!r} ({type(err).__name__}: {err}); its "
+                "cache_depth is not set by the search.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
