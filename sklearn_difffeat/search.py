@@ -214,7 +214,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
         values.
     priors : "diff-feat", None or object, default="diff-feat"
         Where the search starts and which parameters every candidate gets besides the axes: an object with
-        `start(axes)` and `shared_params(estimator, axes)` (see `sklearn_difffeat.search_priors`).
+        `start(estimator, axes)` and `shared_params(estimator, axes)` (see `sklearn_difffeat.search_priors`).
         "diff-feat" is `DiffFeatPriors()`: the paper's priors, read from the axis names, and the extractors'
         cache depth. None: the middle of every axis, nothing shared.
     scoring, refit, n_jobs, pre_dispatch, error_score, return_train_score
@@ -322,7 +322,8 @@ class BlockTimestepSearchCV(BaseSearchCV):
     def _start_point(self, axes, priors):
         names = [name for name, _ in axes]
         point = [len(values) // 2 for _, values in axes]
-        for source, chosen in ((f"{priors!r}.start", priors.start(dict(axes))), ("start", self.start or {})):
+        from_priors = priors.start(self.estimator, dict(axes))
+        for source, chosen in ((f"{priors!r}.start", from_priors), ("start", self.start or {})):
             for name, value in chosen.items():
                 if name not in names:
                     raise ValueError(f"{source} names {name!r}, which is not an axis of param_grid; axes: {names}.")

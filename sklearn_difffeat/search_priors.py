@@ -3,8 +3,8 @@
 `BlockTimestepSearchCV` climbs any grid of ordered axes and knows nothing of extractors. What is specific to
 Diff-Feat lives here, in an object the search is handed through its `priors` parameter:
 
-- `start(axes)`: the starting point, {axis name: value} for the axes the priors have an opinion on (the search
-  takes the middle value of the others);
+- `start(estimator, axes)`: the starting point, {axis name: value} for the axes the priors have an opinion on
+  (the search takes the middle value of the others);
 - `shared_params(estimator, axes)`: parameters set on every candidate besides the grid axes (they appear in
   `cv_results_["params"]` like one-valued axes).
 
@@ -36,7 +36,7 @@ def _index_of(values, value):
 class SearchPriors:
     """Neutral priors: start in the middle of every axis, share nothing. Subclass and override either method."""
 
-    def start(self, axes):
+    def start(self, estimator, axes):
         """Starting values, {name: value} for some or all axes; `axes` maps each name to its list of values."""
         return {}
 
@@ -63,24 +63,71 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _block_owner(estimator, name):
+    """(path, estimator) owning the `block` parameter that the axis `name` sets, or None if `name` is not one."""
+    if not name.endswith("block"):
+        return None
+    prefix = name[: -len("block")]
+    if not prefix:
+        return type(estimator).__name__, estimator
+    if not prefix.endswith("__"):
+        return None  # e.g. "textblock": not the `block` parameter of a sub-estimator
+    path = prefix[:-2]
+    owner = estimator.get_params().get(path)
+    return None if owner is None or not hasattr(owner, "get_params") else (path, owner)
+
+
+def _model_depth(owner):
+    """(`n_blocks_` of a fitted clone of `owner`, None) or (None, the error) when it cannot be had.
+
+    Extractors expose `n_blocks_` after `fit`, which only loads the model (shared within a process, so this costs
+    no second load).
+    """
+    try:
+        probe = clone(owner)
+        own = probe.get_params(deep=False)
+        # The deepest block is valid for any depth, and the probe must touch no cache and print nothing.
+        probe.set_params(**{k: v for k, v in {"block": -1, "cache": None, "verbose": 0}.items() if k in own})
+        probe.fit()
+        return int(probe.n_blocks_), None
+    except Exception as err:  # any failure only means "depth unknown": the candidates report their own errors
+        return None, err
+
+
+def _in_model(value, n_blocks):
+    """Whether `value` is a block of a model with `n_blocks` blocks: 0..n from the embedding, -(n+1)..-1 from
+    the end (the library's block convention)."""
+    return _is_int(value) and -(n_blocks + 1) <= value <= n_blocks
+
+
 class DiffFeatPriors(SearchPriors):
     """The Diff-Feat priors and the cache-depth announcement, read from parameter names.
 
     Start (Lan, Zheng, Yin 2025): image block 12 (else the middle value), the middle image timestep, the deepest
     text block (`-1` if listed, else the largest value), the smallest text timestep (no noise). An axis is on the
     text branch when its name contains `text`, on the image branch when it contains `image` or a path part starts
-    with `dit`; other axes get the middle value.
+    with `dit`; other axes get the middle value. For a block axis whose estimator tells its model's depth
+    (`n_blocks_` after `fit`, as the extractors do), only the blocks the model has are considered, so a grid
+    written for a deeper model still starts on a block that exists.
 
     Shared parameters: for an axis `<prefix>block` whose estimator `<prefix>` has a feature cache
     (`<prefix>cache` not None) and leaves `<prefix>cache_depth` at None, every candidate gets
     `<prefix>cache_depth` = the deepest block of the axis that exists in the model, so the first backbone pass at a
-    timestep stores every block the search can visit. The model's depth is read from `n_blocks_` of a fitted
-    clone of that estimator (loaded weights are shared within a process, so this costs no second load). Blocks
-    beyond the model's depth are left out of the announcement and fail only their own candidates.
+    timestep stores every block the search can visit. Blocks beyond the model's depth are left out of the
+    announcement and fail only their own candidates.
     """
 
-    def start(self, axes):
-        return {name: values[self._prior_index(name, values)] for name, values in axes.items()}
+    def start(self, estimator, axes):
+        chosen = {}
+        for name, values in axes.items():
+            candidates = values
+            owned = _block_owner(estimator, name)
+            if owned is not None:
+                n_blocks, _ = _model_depth(owned[1])
+                if n_blocks is not None:
+                    candidates = [v for v in values if _in_model(v, n_blocks)] or values
+            chosen[name] = candidates[self._prior_index(name, candidates)]
+        return chosen
 
     @staticmethod
     def _prior_index(name, values):
@@ -104,44 +151,27 @@ class DiffFeatPriors(SearchPriors):
         params = estimator.get_params()
         shared = {}
         for name, values in axes.items():
-            if not name.endswith("block"):
+            owned = _block_owner(estimator, name)
+            if owned is None:
                 continue
             prefix = name[: -len("block")]
-            if prefix and not prefix.endswith("__"):
-                continue  # e.g. "textblock": not the `block` parameter of a sub-estimator
             depth_param, cache_param = prefix + "cache_depth", prefix + "cache"
             # Only an estimator with a cache gains from passes that go deeper than asked; an explicit depth is
             # the user's choice.
             if depth_param not in params or params[depth_param] is not None or params.get(cache_param) is None:
                 continue
-            blocks = [int(v) for v in values if _is_int(v)]
-            if not blocks:
+            if not any(_is_int(v) for v in values):
                 continue
-            owner = params[prefix[:-2]] if prefix else estimator
-            n_blocks = self._model_depth(owner, prefix[:-2] or type(estimator).__name__)
+            n_blocks, err = _model_depth(owned[1])
             if n_blocks is None:
+                warnings.warn(
+                    f"DiffFeatPriors could not read the model depth of {owned[0]!r} ({type(err).__name__}: {err}); "
+                    f"the search leaves {depth_param} unset.",
+                    UserWarning,
+                    stacklevel=2,
+                )
                 continue
-            # The block convention: 0..n from the embedding, -(n+1)..-1 from the end.
-            valid = [b + n_blocks + 1 if b < 0 else b for b in blocks if -(n_blocks + 1) <= b <= n_blocks]
+            valid = [v + n_blocks + 1 if v < 0 else v for v in values if _in_model(v, n_blocks)]
             if valid:
                 shared[depth_param] = max(valid)
         return shared
-
-    @staticmethod
-    def _model_depth(owner, where):
-        """`n_blocks_` of a fitted clone of `owner`, or None (with a warning) when it cannot be had."""
-        probe = clone(owner)
-        own = probe.get_params(deep=False)
-        # The probe only loads the model: the deepest block is valid for any depth, and it must touch no cache.
-        probe.set_params(**{k: v for k, v in {"block": -1, "cache": None, "verbose": 0}.items() if k in own})
-        try:
-            probe.fit()
-            return int(probe.n_blocks_)
-        except Exception as err:  # any failure only means "no announcement": the candidates report their own
-            warnings.warn(
-                f"DiffFeatPriors could not read the model depth of {where!r} ({type(err).__name__}: {err}); its "
-                "cache_depth is not set by the search.",
-                UserWarning,
-                stacklevel=3,
-            )
-            return None
