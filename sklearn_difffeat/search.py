@@ -169,25 +169,33 @@ class _FitState:
 
 class _Progress:
     """The search's progress for `verbose=1`: one tqdm bar over candidates, whose total grows as steps are
-    planned. Other levels get a stand-in that does nothing."""
+    planned, with the step, the best score so far and the grid size after it. At other levels it does nothing."""
 
     def __init__(self, verbose, grid_size):
-        self.bar = None
-        if verbose == 1:
-            from tqdm.auto import tqdm  # lazy: only a verbose search needs it
-
-            self.bar = tqdm(total=0, desc="BlockTimestepSearchCV", unit="candidate")
+        self.show = verbose == 1
         self.grid_size = grid_size
+        self.bar = None
+        self.best = "nan"
+
+    def _postfix(self, step):
+        return f"step {step}, best {self.best}, grid {self.grid_size}"
 
     def plan(self, n, step):
-        if self.bar is not None:
+        if not self.show:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm  # lazy: only a verbose search needs it
+
+            # Made with the first step's size, so it never shows an empty total.
+            self.bar = tqdm(total=n, desc="BlockTimestepSearchCV", unit="candidate", postfix=self._postfix(step))
+        else:
             self.bar.total += n
-            self.bar.set_postfix_str(f"step {step}, grid {self.grid_size}", refresh=True)
+            self.bar.set_postfix_str(self._postfix(step), refresh=True)
 
     def done(self, n, step, best):
         if self.bar is not None:
-            shown = "nan" if not np.isfinite(best) else f"{best:.4g}"
-            self.bar.set_postfix_str(f"step {step}, best {shown}, grid {self.grid_size}", refresh=False)
+            self.best = f"{best:.4g}" if np.isfinite(best) else "nan"
+            self.bar.set_postfix_str(self._postfix(step), refresh=False)
             self.bar.update(n)
 
     def close(self):
@@ -551,15 +559,18 @@ class BlockTimestepSearchCV(BaseSearchCV):
 
     @staticmethod
     def _warn_non_finite(results):
-        for key in [k for k in results if k.startswith(("mean_test_", "mean_train_"))]:
-            bad = ~np.isfinite(np.asarray(results[key], dtype=float))
-            if bad.any():
-                warnings.warn(
-                    f"{int(bad.sum())} of {bad.size} evaluated candidates have a non-finite {key} (failed fits or "
-                    f"nan scores), e.g. {results['params'][int(np.argmax(bad))]}; see cv_results_.",
-                    UserWarning,
-                    stacklevel=3,
-                )
+        """One warning for the whole search, where scikit-learn would warn at every step after a failure."""
+        keys = [k for k in results if k.startswith(("mean_test_", "mean_train_"))]
+        bad = {k: ~np.isfinite(np.asarray(results[k], dtype=float)) for k in keys}
+        rows = np.logical_or.reduce(list(bad.values()))
+        if rows.any():
+            warnings.warn(
+                f"{int(rows.sum())} of {rows.size} evaluated candidates have non-finite scores (failed fits or nan "
+                f"scores) in {[k for k in keys if bad[k].any()]}, e.g. {results['params'][int(np.argmax(rows))]}; "
+                "see cv_results_.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _path_entry(step, params, score, move, n_evaluations):

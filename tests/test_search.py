@@ -1,9 +1,12 @@
 """BlockTimestepSearchCV on synthetic score landscapes with a known optimum."""
 
+import re
+
 import joblib
 import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import GridSearchCV, KFold
 
 from sklearn_difffeat.search import BlockTimestepSearchCV
@@ -186,7 +189,7 @@ def test_patience_allows_plateau_moves():
     assert [e["move"] for e in s.search_path_] == ["start", "plateau", "plateau", "improve", "improve"]
 
 
-@pytest.mark.filterwarnings("ignore:1 of 3 evaluated candidates have a non-finite mean_test_score")
+@pytest.mark.filterwarnings("ignore:1 of 3 evaluated candidates have non-finite scores")
 def test_tol_and_nan_scores():
     table = (0.0, 1.0, 1.05, np.nan)
     s = search(OneAxis(table=table), {"x": range(4)}, start={"x": 1}, tol=0.1).fit(*data())
@@ -321,3 +324,148 @@ def test_dask_local_cluster_of_processes():
     assert dask.cv_results_["params"] == serial.cv_results_["params"]
     np.testing.assert_allclose(dask.cv_results_["mean_test_score"], serial.cv_results_["mean_test_score"])
     assert dask.best_params_ == serial.best_params_
+
+
+# ---- failed fits -----------------------------------------------------------------------------------------------
+
+
+class Breaks(OneAxis):
+    """Score = table[x]; fitting an x listed in `broken` raises."""
+
+    def __init__(self, x=0, table=(0.0,), broken=()):
+        super().__init__(x=x, table=table)
+        self.broken = broken
+
+    def fit(self, X, y=None):
+        if self.x in self.broken:
+            raise ValueError(f"x={self.x} is broken")
+        return self
+
+
+def _by_x(results, key):
+    return {p["x"]: v for p, v in zip(results["params"], results[key])}
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.filterwarnings("ignore:One or more of the (test|train) scores are non-finite")  # GridSearchCV's
+@pytest.mark.parametrize(
+    "scoring, refit, return_train_score",
+    [(None, True, False), ({"land": _land, "neg": _neg_land}, "land", True)],
+)
+def test_a_failed_last_neighbour_is_a_non_improving_move(scoring, refit, return_train_score):
+    # Climbing 0 -> 1 -> 2 -> 3, the only neighbour left is 4, which fails alone: that step ends the search.
+    est = Breaks(table=(0.0, 1.0, 2.0, 3.0, 4.0), broken=(4,))
+    kw = dict(scoring=scoring, refit=refit, return_train_score=return_train_score)
+    with (
+        pytest.warns(UserWarning, match=r"1 of 5 evaluated candidates have non-finite scores .*'mean_test_"),
+        pytest.warns(FitFailedWarning, match=r"Step 4 of the search: every fit .* \[\{'x': 4\}\]: ValueError: "
+                                             r"x=4 is broken"),
+    ):
+        s = search(est, {"x": range(5)}, start={"x": 0}, **kw).fit(*data())
+    assert s.best_params_ == {"x": 3} and s.best_estimator_.x == 3
+    assert s.stopped_reason_ == "local_optimum" and s.n_evaluations_ == 5
+    assert s.search_path_[-1]["params"] == {"x": 3} and s.search_path_[-1]["stopped"] == "local_optimum"
+    assert _by_x(s.cv_results_, "search_step") == {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
+    # The failed row reads as GridSearchCV's for the same failure: scores, ranks, train scores.
+    ref = GridSearchCV(est, {"x": range(5)}, cv=2, **kw).fit(*data())
+    metrics = ["score"] if scoring is None else list(scoring)
+    keys = [f"{part}_test_{m}" for m in metrics for part in ("mean", "std", "rank", "split0", "split1")]
+    keys += [f"mean_train_{m}" for m in metrics if return_train_score]
+    for key in keys:
+        mine, theirs = _by_x(s.cv_results_, key), _by_x(ref.cv_results_, key)
+        np.testing.assert_array_equal([mine[x] for x in range(5)], [theirs[x] for x in range(5)], err_msg=key)
+    assert np.isnan(_by_x(s.cv_results_, "mean_fit_time")[4])  # no timing for a fit that never ran here
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.filterwarnings("ignore:.*evaluated candidates have non-finite scores")
+def test_failed_neighbours_are_never_moved_onto():
+    # patience would allow a plateau move, but the only neighbour (3) failed: stop at 2
+    s = search(Breaks(table=(0.0, 1.0, 1.0, 9.0), broken=(3,)), {"x": range(4)}, start={"x": 0}, patience=2)
+    s.fit(*data())
+    assert [e["params"]["x"] for e in s.search_path_] == [0, 1, 2]
+    assert s.stopped_reason_ == "local_optimum" and s.best_params_ == {"x": 1}
+    # a failing neighbour beside a working one (a mixed step) is skipped the same way
+    s = search(Breaks(table=(0.0, 1.0, 0.5, 9.0), broken=(2,)), {"x": range(4)}, start={"x": 1}).fit(*data())
+    assert [e["params"]["x"] for e in s.search_path_] == [1] and s.n_evaluations_ == 3
+    # with a numeric error_score the failed row scores it in cv_results_ (as in GridSearchCV), yet is no move
+    s = search(Breaks(table=(0.0, 1.0, 0.5, 9.0), broken=(2,)), {"x": range(4)}, start={"x": 1},
+               error_score=5.0, refit=False).fit(*data())
+    assert _by_x(s.cv_results_, "mean_test_score")[2] == 5.0
+    assert [e["params"]["x"] for e in s.search_path_] == [1] and s.stopped_reason_ == "local_optimum"
+
+
+def test_a_failed_start_says_which_point_and_why():
+    est = Breaks(table=(0.0, 1.0, 2.0), broken=(1,))
+    with pytest.raises(ValueError, match=r"start point \{'x': 1\} failed on every CV fold.*ValueError: x=1 is broken"):
+        search(est, {"x": range(3)}).fit(*data())
+    with pytest.raises(ValueError, match=r"^x=1 is broken$"):  # error_score='raise': the estimator's own error
+        search(est, {"x": range(3)}, error_score="raise").fit(*data())
+    with pytest.raises(ValueError, match=r"^x=2 is broken$"):  # ... also for a neighbour
+        search(Breaks(table=(0.0, 1.0, 2.0), broken=(2,)), {"x": range(3)}, start={"x": 0},
+               error_score="raise").fit(*data())
+
+
+# ---- splits ----------------------------------------------------------------------------------------------------
+
+
+class FoldSum(RegressorMixin, BaseEstimator):
+    """Score = table[x] + sum of the scored fold's X, so the second term tells which fold was scored."""
+
+    def __init__(self, x=0, table=(0.0,)):
+        self.x = x
+        self.table = table
+
+    def fit(self, X, y=None):
+        return self
+
+    def score(self, X, y=None):
+        return self.table[self.x] + float(np.sum(X))
+
+
+def test_every_step_scores_on_the_same_folds():
+    table = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+    X, y = np.arange(12.0).reshape(-1, 1) * 1000, np.zeros(12)
+    kfold = KFold(3, shuffle=True)  # no seed: each call of split() deals other folds
+    s = search(FoldSum(table=table), {"x": range(6)}, start={"x": 0}, cv=kfold).fit(X, y)
+    assert s.n_evaluations_ == 6 and s.cv is kfold
+    xs = [p["x"] for p in s.cv_results_["params"]]
+    for k in range(3):
+        fold_sums = s.cv_results_[f"split{k}_test_score"] - np.take(table, xs)
+        assert np.all(fold_sums == fold_sums[0]), f"split {k} changed between steps: {fold_sums}"
+    # a one-shot iterable of splits serves every step too
+    splits = list(KFold(3).split(X))
+    once = search(FoldSum(table=table), {"x": range(6)}, start={"x": 0}, cv=iter(splits)).fit(X, y)
+    listed = search(FoldSum(table=table), {"x": range(6)}, start={"x": 0}, cv=splits).fit(X, y)
+    np.testing.assert_array_equal(once.cv_results_["split2_test_score"], listed.cv_results_["split2_test_score"])
+    assert once.n_evaluations_ == 6
+
+
+# ---- what is printed -------------------------------------------------------------------------------------------
+
+
+def test_verbose_levels(capsys):
+    X, y = data()
+    search(verbose=0).fit(X, y)
+    assert capsys.readouterr() == ("", "")
+
+    s = search(verbose=1).fit(X, y)
+    out, err = capsys.readouterr()
+    assert out == ""  # neither scikit-learn's "Fitting ..." lines nor step lines
+    frames = [f for f in re.split(r"[\r\n]", err) if f.strip()]
+    assert frames and all(f.startswith("BlockTimestepSearchCV:") for f in frames), frames[:3]
+    assert err.count("\n") == 1  # one bar, closed once
+    n, steps = s.n_evaluations_, int(s.cv_results_["search_step"].max())
+    totals = [int(t) for t in re.findall(r"\| \d+/(\d+) \[", err)]
+    assert totals == sorted(totals) and totals[-1] == n  # the total grows with the steps planned
+    assert f"{n}/{n} [" in frames[-1] and f"step {steps}, best 1, grid {s.grid_size_}" in frames[-1]
+    assert s.verbose == 1
+
+    s = search(verbose=2).fit(X, y)
+    out, err = capsys.readouterr()
+    assert "BlockTimestepSearchCV:" not in err  # no bar
+    assert out.count("Fitting 2 folds for each of") == steps + 1  # scikit-learn's line for each step
+    assert out.count("[CV] END") == n * 2  # and for each fit
+    # the start (12, 400, 12, 0.0) has 6 neighbours: text block 12 and text timestep 0.0 end their axes
+    assert "[BlockTimestepSearchCV] step 1: 6 neighbour(s) of" in out
+    assert f"stopped (local_optimum) after {n} of {s.grid_size_} candidates" in out

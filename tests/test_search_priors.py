@@ -111,7 +111,7 @@ def test_diff_feat_start_rules():
     assert SearchPriors().shared_params(BaseEstimator(), axes) == {}
 
 
-@pytest.mark.filterwarnings("ignore:.*evaluated candidates have a non-finite")
+@pytest.mark.filterwarnings("ignore:.*evaluated candidates have non-finite scores")
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
 def test_start_only_on_blocks_the_model_has():
     # The README's grids were written for 28- and 12-block models; here the models have 8 and 4 blocks.
@@ -127,7 +127,7 @@ def test_start_only_on_blocks_the_model_has():
     assert failed and all(p["text__block"] > 4 for p in failed)
 
 
-@pytest.mark.filterwarnings("ignore:.*evaluated candidates have a non-finite")
+@pytest.mark.filterwarnings("ignore:.*evaluated candidates have non-finite scores")
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
 @pytest.mark.filterwarnings("ignore:One or more of the test scores are non-finite")  # the GridSearchCV reference
 def test_cache_depth_is_the_deepest_block_the_model_has():
