@@ -4,6 +4,7 @@ each image through the VAE once, whatever the number of candidates and folds."""
 import joblib
 import numpy as np
 import pandas as pd
+import pytest
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, KFold
@@ -13,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from sklearn_difffeat import BlockTimestepSearchCV, DiTFeatureExtractor
 from sklearn_difffeat.metrics import map_scorer
+from sklearn_difffeat.search_priors import DiffFeatPriors
 
 from conftest import PassCounter
 
@@ -29,7 +31,8 @@ def _data():
 
 def _pipeline(model_dir, cache, **extractor_params):
     extractor = DiTFeatureExtractor(
-        str(model_dir), block=1, timestep=50, cache=str(cache), batch_size=64, **extractor_params
+        str(model_dir), block=1, timestep=50, cache=None if cache is None else str(cache), batch_size=64,
+        **extractor_params,
     )
     return Pipeline(
         [
@@ -64,12 +67,15 @@ def test_grid_and_local_search_share_one_pass_per_image_and_timestep(tiny_dit_di
     assert counter.encoded == n
     assert counter.passes <= n * len(visited_timesteps)
     assert search.n_evaluations_ == len(search.cv_results_["params"]) < 20
-    # the scores are those of the grid at the same candidates (same folds, same features)
+    # the scores are those of the grid at the same candidates (same folds, same features); the search's candidates
+    # also carry the cache depth it announced (the model's 5 blocks)
+    assert search.shared_params_ == {"features__image__cache_depth": 5}
     grid_scores = {
         tuple(sorted(p.items())): s for p, s in zip(grid.cv_results_["params"], grid.cv_results_["mean_test_score"])
     }
     for params, score in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"]):
-        np.testing.assert_allclose(score, grid_scores[tuple(sorted(params.items()))], atol=1e-6)
+        axes = {k: v for k, v in params.items() if k in GRID}
+        np.testing.assert_allclose(score, grid_scores[tuple(sorted(axes.items()))], atol=1e-6)
 
     # a second search over the same cache computes nothing at all
     counter.passes = counter.encoded = 0
@@ -81,3 +87,26 @@ def test_grid_and_local_search_share_one_pass_per_image_and_timestep(tiny_dit_di
     joblib.dump(search.best_estimator_, path)
     restored = joblib.load(path)
     np.testing.assert_array_equal(restored.predict_proba(frame), search.best_estimator_.predict_proba(frame))
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.filterwarnings("ignore:.*evaluated candidates have non-finite scores")
+def test_a_grid_written_for_a_deeper_model(tiny_dit_dir, tmp_path):
+    # The README's image blocks range(1, 29) are for DiT-XL/2 (28 blocks); the tiny DiT has 5.
+    readme_axis = {"features__image__block": range(1, 29)}
+    cached = _pipeline(tiny_dit_dir, tmp_path / "cache")
+    assert DiffFeatPriors().shared_params(cached, readme_axis) == {"features__image__cache_depth": 5}
+    assert DiffFeatPriors().shared_params(_pipeline(tiny_dit_dir, None), readme_axis) == {}  # no cache, no depth
+
+    # Block 6 does not exist: it fails its own candidate, and blocks 4 and 5 are scored as usual.
+    frame, Y = _data()
+    grid = {"features__image__block": [4, 5, 6], "features__image__timestep": [200]}
+    for cache in (tmp_path / "cache", None):
+        search = BlockTimestepSearchCV(_pipeline(tiny_dit_dir, cache), grid, cv=KFold(3)).fit(frame, Y)
+        assert search.start_params_["features__image__block"] == 5  # middle of the blocks the model has
+        scores = {p["features__image__block"]: v
+                  for p, v in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])}
+        assert set(scores) == {4, 5, 6}
+        assert np.isfinite(scores[4]) and np.isfinite(scores[5]) and np.isnan(scores[6]), (cache, scores)
+        assert search.best_params_["features__image__block"] in (4, 5)
+        assert search.shared_params_ == ({} if cache is None else {"features__image__cache_depth": 5})
