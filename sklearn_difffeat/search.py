@@ -123,9 +123,9 @@ class _FitState:
     """What one `fit` hands to the `BaseSearchCV` hooks it overrides (`_run_search`, `_format_results`,
     `_get_scorers`), which scikit-learn calls with fixed signatures.
 
-    It lives on the search only during `fit`. scikit-learn ships the search itself to each fit task (as
-    `caller`), so it pickles as an empty state: tasks on joblib or Dask workers stay small and never carry the
-    progress bar or the running results.
+    It lives on the search only during `fit`. scikit-learn ships the search itself with each fit task (as
+    `caller`), so it pickles as an empty state: tasks sent to joblib or Dask workers stay small and never carry
+    the running results or the splits.
     """
 
     def __init__(self, axes=None, start=None, shared=None, cv=None, scorer=None):
@@ -415,14 +415,15 @@ class BlockTimestepSearchCV(BaseSearchCV):
         """At verbose=1 the progress bar replaces scikit-learn's "Fitting N folds for each of M candidates" line,
         which `evaluate_candidates` prints whenever `self.verbose > 0` and has no other switch for; per-fit lines
         only come at verbose > 1, so nothing else is lost."""
-        if self.verbose != 1:
+        verbose = self.verbose
+        if verbose != 1:
             yield
             return
         self.verbose = 0
         try:
             yield
         finally:
-            self.verbose = 1
+            self.verbose = verbose
 
     def _climb_metric(self, results):
         if isinstance(self.refit, str) and f"mean_test_{self.refit}" in results:
