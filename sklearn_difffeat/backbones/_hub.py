@@ -73,18 +73,6 @@ def module_fingerprint(*modules) -> str:
     return digest.hexdigest()
 
 
-class WeightsFingerprint:
-    """Mixin for backbones holding ``self.module``: a ``fingerprint`` of its weights, computed on first use."""
-
-    _fingerprint = None
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = module_fingerprint(self.module)
-        return self._fingerprint
-
-
 def _float_like(tensor):
     import torch
 

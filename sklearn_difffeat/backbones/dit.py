@@ -7,44 +7,46 @@ models (no ``vae/``; the transformer sees the image itself) load through the sam
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ._hub import module_fingerprint, resolve_model_dir
+from .base import DiffusionBackbone
 
 HUB_FILES = ["model_index.json", "transformer/*", "vae/*", "scheduler/*"]
 
 
-@dataclass(eq=False)
-class DiTBackbone:
+class DiTBackbone(DiffusionBackbone):
     """A DiT, its optional VAE and the scheduler whose ``add_noise`` defines the forward process."""
 
-    transformer: nn.Module
-    scheduler: object
-    vae: nn.Module | None = None
-    compiled_blocks: list = field(default=None, repr=False)
-
-    def __post_init__(self):
+    def __init__(self, transformer: nn.Module, scheduler, vae: nn.Module | None = None):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.vae = vae
+        self._compiled_blocks = None
+        self._encode = self._encode_eager
         # Training mode would randomly drop class labels in DiT's label embedding: features must not.
-        self.transformer.eval().requires_grad_(False)
-        if self.vae is not None:
-            self.vae.eval().requires_grad_(False)
-        # The noise schedule changes features as much as the weights do.
-        schedule = hashlib.blake2b(self.scheduler.alphas_cumprod.double().numpy().tobytes(), digest_size=6).hexdigest()
-        self.fingerprint = f"{module_fingerprint(self.transformer, self.vae)}-{schedule}"
-        self.encoder_fingerprint = module_fingerprint(self.vae)
+        for module in self.modules:
+            module.eval().requires_grad_(False)
+        # Fingerprints are taken before any cast, so the weights' identity does not depend on the compute
+        # dtype (which keys the feature store separately). The noise schedule changes features as much as the
+        # weights do.
+        schedule = hashlib.blake2b(scheduler.alphas_cumprod.double().numpy().tobytes(), digest_size=6).hexdigest()
+        self._fingerprint = f"{module_fingerprint(transformer, vae)}-{schedule}"
+        self.encoder_fingerprint = module_fingerprint(vae)
+        self.num_blocks = len(transformer.transformer_blocks)
+        self.width = transformer.inner_dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [self.transformer] + ([self.vae] if self.vae is not None else [])
 
     # ---- geometry -------------------------------------------------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    @property
-    def width(self) -> int:
-        return self.transformer.inner_dim
-
     @property
     def num_tokens(self) -> int:
         size = self.transformer.config.sample_size
@@ -78,16 +80,22 @@ class DiTBackbone:
         size = self.transformer.config.sample_size
         return (self.transformer.config.in_channels, size, size)
 
-    def to(self, device) -> DiTBackbone:
-        self.transformer.to(device)
-        if self.vae is not None:
-            self.vae.to(device)
+    def to(self, device=None, dtype=None) -> DiTBackbone:
+        super().to(device, dtype)
+        if self.vae is not None and self.device.type == "cuda":
+            # cuDNN's fast convolution kernels want NHWC; the input is converted to match in encode().
+            self.vae.to(memory_format=torch.channels_last)
         return self
 
     def compile(self) -> DiTBackbone:
-        # Blocks are compiled one by one: forward hooks and whole-model compile interact badly, and diffusers'
-        # compile_repeated_blocks() does not support DiT.
-        self.compiled_blocks = [torch.compile(block) for block in self.transformer.transformer_blocks]
+        """``torch.compile`` each block and the VAE encoder path (not the modules themselves: they stay as given).
+
+        Blocks are compiled one by one: forward hooks and whole-model compile interact badly, and diffusers'
+        ``compile_repeated_blocks()`` does not support DiT.
+        """
+        self._compiled_blocks = [torch.compile(block) for block in self.transformer.transformer_blocks]
+        if self.vae is not None:
+            self._encode = torch.compile(self._encode_eager)
         return self
 
     # ---- computation ----------------------------------------------------------------------------------
@@ -95,23 +103,26 @@ class DiTBackbone:
         """Images in [-1, 1], (B, C, H, W) -> the clean input x0 of the diffusion (posterior mean latents)."""
         if self.vae is None:
             return images
+        if images.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._encode(images.to(self.dtype))
+
+    def _encode_eager(self, images):
         # The posterior mean, not a sample, so that a latent is a deterministic function of the image.
-        latents = self.vae.encode(images).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``, exactly as the model's scheduler defines it."""
         return self.scheduler.add_noise(x0, noise, timesteps)
 
-    def hidden_states(self, x_t, timesteps, class_labels, blocks) -> dict[int, torch.Tensor]:
+    def hidden_states(self, x_t, timesteps, class_labels, *, blocks) -> dict[int, torch.Tensor]:
         """Token states {k: (B, N, width)} after block k for each k in ``blocks`` (0 = patch embedding).
 
         Runs only the blocks up to the deepest one requested.
         """
         wanted = set(blocks)
-        deepest = max(wanted)
-        blocks_to_run = (self.compiled_blocks or self.transformer.transformer_blocks)[:deepest]
-        hidden = self.transformer.pos_embed(x_t)
+        blocks_to_run = (self._compiled_blocks or self.transformer.transformer_blocks)[: max(wanted)]
+        hidden = self.transformer.pos_embed(x_t.to(self.dtype))
         taps = {0: hidden} if 0 in wanted else {}
         for k, block in enumerate(blocks_to_run, start=1):
             hidden = block(hidden, timestep=timesteps, class_labels=class_labels)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._hub import WeightsFingerprint
+from .base import TextBackbone, resolve_blocks
 
 # Where common architectures keep their layer list, relative to the full model.
 _LAYER_PATHS = (
@@ -59,7 +59,7 @@ def check_remote_code(folder, trust_remote_code: bool) -> None:
         )
 
 
-class HFMaskedLMBackbone(WeightsFingerprint):
+class HFMaskedLMBackbone(TextBackbone):
     """A transformers model with ``output_hidden_states`` and its tokenizer, as a text backbone."""
 
     def __init__(self, model: nn.Module, tokenizer, mask_token_id: int | None = None):
@@ -81,6 +81,7 @@ class HFMaskedLMBackbone(WeightsFingerprint):
         self.max_length = int(max_pos) if max_pos else None
         self.time_conditioned = False
         self._layers = self._find_layers(model, self.num_blocks)
+        self._set_fingerprint()
 
     @staticmethod
     def _find_layers(model, num_blocks):
@@ -113,12 +114,7 @@ class HFMaskedLMBackbone(WeightsFingerprint):
     def hidden_states(self, input_ids, attention_mask=None, sigma=None, blocks=(-1,)) -> dict:
         """{block: (B, L, D)}; ``sigma`` is ignored (these models have no time input)."""
         n = self.num_blocks
-        wanted = set()
-        for b in blocks:
-            k = int(b) + n + 1 if b < 0 else int(b)
-            if not 0 <= k <= n:
-                raise ValueError(f"block={b} is out of range: valid values are 0..{n} or -{n + 1}..-1.")
-            wanted.add(k)
+        wanted = {resolve_blocks(b, n)[0] for b in blocks}
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self._layers is None or n in wanted:

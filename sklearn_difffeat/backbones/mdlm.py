@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hub import WeightsFingerprint
+from .base import TextBackbone, resolve_blocks
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -288,13 +288,7 @@ class DDiTModel(nn.Module):
 
         Block 0 is the token embedding entering block 1; block k is the output of block k (1-based).
         """
-        n = self.config.n_blocks
-        taps = set()
-        for b in blocks:
-            k = int(b) + n + 1 if b < 0 else int(b)
-            if not 0 <= k <= n:
-                raise ValueError(f"block={b} is out of range: valid values are 0..{n} or -{n + 1}..-1.")
-            taps.add(k)
+        taps = {resolve_blocks(b, self.config.n_blocks)[0] for b in blocks}
         _, _, out = self._blocks(input_ids, sigma, attention_mask, max(taps), taps)
         return out
 
@@ -366,7 +360,7 @@ def load_mdlm_tokenizer(folder):
         ) from exc
 
 
-class MDLMBackbone(WeightsFingerprint):
+class MDLMBackbone(TextBackbone):
     """A :class:`DDiTModel` with its tokenizer, behind the interface the text extractor uses."""
 
     def __init__(self, model: DDiTModel, tokenizer, mask_token_id: int | None = None):
@@ -383,6 +377,7 @@ class MDLMBackbone(WeightsFingerprint):
         self.width = cfg.hidden_dim
         self.max_length = cfg.model_length
         self.time_conditioned = bool(cfg.time_conditioning)
+        self._set_fingerprint()
 
     @classmethod
     def from_pretrained(cls, folder) -> MDLMBackbone:
@@ -391,4 +386,6 @@ class MDLMBackbone(WeightsFingerprint):
 
     @torch.no_grad()
     def hidden_states(self, input_ids, attention_mask=None, sigma=None, blocks=(-1,)) -> dict:
+        if sigma is not None:
+            sigma = sigma.to(self.dtype)
         return self.module.block_outputs(input_ids, sigma, attention_mask, blocks)

@@ -1,13 +1,11 @@
 """Text diffusion backbones: one loader, two implementations, one interface.
 
-Every text backbone exposes what :class:`~sklearn_difffeat.TextDiffusionFeatureExtractor` uses, and nothing
-else is assumed:
-
-- ``tokenizer`` (a transformers tokenizer), ``mask_token_id`` (int, or None when the model cannot be noised),
-  ``pad_token_id``, ``num_blocks``, ``width``, ``max_length`` (model positions, or None), ``module`` (the
-  ``nn.Module``), ``fingerprint`` (a hash of the weights), ``time_conditioned`` (bool);
-- ``hidden_states(input_ids, attention_mask, sigma, blocks) -> {block: (B, L, D) tensor}``, running no block
-  after the deepest requested one; block 0 is the token embedding, block k the output of block k.
+Every text backbone is a :class:`~sklearn_difffeat.backbones.base.TextBackbone`: a tokenizer, ``mask_token_id``
+(None when the model cannot be noised), ``pad_token_id``, ``num_blocks``, ``width``, ``max_length`` (model
+positions, or None), ``module`` (the ``nn.Module``), ``fingerprint`` (weights and tokenizer),
+``time_conditioned``, and ``hidden_states(input_ids, attention_mask, sigma, blocks) -> {block: (B, L, D)}``,
+running no block after the deepest requested one (block 0 is the token embedding, block k the output of
+block k).
 
 MDLM checkpoints (``config.json`` with ``model_type "mdlm"``) run on the native :mod:`.mdlm` implementation;
 anything else goes to the generic :mod:`.hf_masked_lm` adapter.
@@ -19,19 +17,18 @@ import json
 import os
 
 from ._hub import resolve_model_dir
+from .base import TextBackbone
 from .hf_masked_lm import HFMaskedLMBackbone
 from .mdlm import MDLMBackbone, is_mdlm_config, loglinear_sigma
 
 __all__ = ["HFMaskedLMBackbone", "MDLMBackbone", "is_text_backbone", "load_text_backbone", "loglinear_sigma"]
 
-_INTERFACE = ("tokenizer", "mask_token_id", "pad_token_id", "num_blocks", "width", "max_length", "module",
-              "time_conditioned", "hidden_states")
 # Only what loading needs: configs, tokenizers, weights (safetensors only: never pickled .bin files).
 _ALLOW = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
 def is_text_backbone(obj) -> bool:
-    return all(hasattr(obj, name) for name in _INTERFACE)
+    return isinstance(obj, TextBackbone)
 
 
 def load_text_backbone(model, trust_remote_code: bool = False, dtype=None):
