@@ -1,0 +1,192 @@
+"""The segment feature store on its own: writes, reads, damage, concurrency, maintenance."""
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sklearn_difffeat import FeatureStore
+from sklearn_difffeat.store import StoreWriteError
+
+
+def keys(*ids):
+    return np.array([hashlib.sha256(str(i).encode()).hexdigest()[:32].encode() for i in ids])
+
+
+def rows(*ids, width=4):
+    return np.array([[i + j / 10 for j in range(width)] for i in ids], dtype=np.float32)
+
+
+def test_write_read_count_in_any_order(tmp_path):
+    store = FeatureStore(tmp_path)
+    assert store.count("ns") == 0 and store.namespaces() == {}
+    store.write("ns", keys(0, 1, 2), rows(0, 1, 2), description={"block": 3})
+    store.write("ns", keys(3, 4), rows(3, 4))
+    values, found = store.read("ns", keys(4, 9, 0, 2), width=4)
+    assert found.tolist() == [True, False, True, True]
+    np.testing.assert_array_equal(values[found], rows(4, 0, 2))
+    assert not values[1].any()  # absent rows are zeros, flagged by `found`
+    assert store.count("ns") == 5 and store.namespaces() == {"ns": {"block": 3}}
+    assert sorted(store.keys("ns").tolist()) == sorted(keys(0, 1, 2, 3, 4).tolist())
+    # another process (a new store object) sees the same
+    values2, found2 = FeatureStore(tmp_path).read("ns", keys(4, 9, 0, 2))
+    np.testing.assert_array_equal(values2, values)
+    assert found2.tolist() == found.tolist()
+
+
+def test_files_grow_with_segments_not_samples(tmp_path):
+    store = FeatureStore.create(tmp_path, segment_rows=100)
+    with store.writer("ns", 4) as writer:
+        for start in range(0, 1000, 10):  # 1,000 rows in batches of 10
+            writer.add(keys(*range(start, start + 10)), rows(*range(start, start + 10)))
+    files = [p for p in (tmp_path / "ns").iterdir()]
+    assert len(files) == 2 * 10  # 10 segments of 100 rows: a data file and an index each
+    assert FeatureStore(tmp_path).settings["segment_rows"] == 100  # saved for every later writer
+    assert FeatureStore(tmp_path).count("ns") == 1000
+
+
+def test_writer_keeps_what_it_finished_when_interrupted(tmp_path):
+    store = FeatureStore.create(tmp_path, segment_rows=3)
+    with pytest.raises(RuntimeError), store.writer("ns", 4) as writer:
+        writer.add(keys(0, 1, 2, 3), rows(0, 1, 2, 3))  # one full segment is written here ...
+        writer.add(keys(4), rows(4))
+        raise RuntimeError("interrupted")  # ... and leaving the block writes the rest
+    assert FeatureStore(tmp_path).count("ns") == 5
+
+
+def test_readers_ignore_unfinished_segments(tmp_path):
+    store = FeatureStore(tmp_path)
+    store.write("ns", keys(0), rows(0))
+    # A writer killed between its data file and its index leaves data without an index, or a temporary file.
+    (tmp_path / "ns" / "dead-writer.npy").write_bytes(b"\x93NUMPY partial")
+    (tmp_path / "ns" / ".dead-writer.json.1234.part").write_text('{"keys": [')
+    assert FeatureStore(tmp_path).count("ns") == 1
+
+
+@pytest.mark.parametrize("damage", ["index", "data", "checksum", "shape"])
+def test_damaged_segments_are_ignored_never_read_as_wrong_values(tmp_path, damage):
+    store = FeatureStore(tmp_path)
+    store.write("ns", keys(0, 1), rows(0, 1))
+    store.write("ns", keys(2, 3), rows(2, 3))
+    index = next(p for p in sorted((tmp_path / "ns").glob("*.json")) if p.name != "namespace.json")
+    data = index.with_suffix(".npy")
+    damaged_keys = json.loads(index.read_text())["keys"]
+    if damage == "index":
+        index.write_text(index.read_text()[:-20])  # truncated JSON
+    elif damage == "data":
+        data.write_bytes(data.read_bytes()[:-8])  # truncated array
+    elif damage == "checksum":
+        array = np.load(data)
+        array[0, 0] += 1  # a flipped value, same shape: only the checksum can tell
+        np.save(data, array)
+    else:
+        np.save(data, np.zeros((2, 5), np.float32))
+    with pytest.warns(RuntimeWarning, match="damaged|Ignoring"):
+        values, found = FeatureStore(tmp_path).read("ns", keys(0, 1, 2, 3), width=4)
+    good = [k.decode() not in damaged_keys for k in keys(0, 1, 2, 3)]
+    assert found.tolist() == good and sum(good) == 2
+    np.testing.assert_array_equal(values[found], rows(0, 1, 2, 3)[found])
+
+
+def test_non_finite_rows_and_wrong_widths_count_as_absent(tmp_path):
+    store = FeatureStore(tmp_path)
+    bad = rows(0, 1)
+    bad[1, 2] = np.nan
+    store.write("ns", keys(0, 1), bad)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        _, found = store.read("ns", keys(0, 1), width=4)
+    assert found.tolist() == [True, False]
+    store.write("other", keys(0), rows(0, width=3))
+    with pytest.warns(RuntimeWarning, match="width 3, expected 4"):
+        _, found = store.read("other", keys(0), width=4)
+    assert not found.any()
+
+
+def read_only(folder, monkeypatch):
+    """Make ``folder`` unwritable: by permissions, or (as root, who may write anyway) by failing every write."""
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o500)
+    if os.access(folder, os.W_OK):
+        import sklearn_difffeat.store as store_module
+
+        def denied(path, payload):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(store_module, "_write_atomic", denied)
+
+
+def test_unwritable_folder_raises_a_store_error(tmp_path, monkeypatch):
+    read_only(tmp_path / "ro", monkeypatch)
+    try:
+        with pytest.raises(StoreWriteError, match=r"Could not write a segment.*Permission"):
+            FeatureStore(tmp_path / "ro").write("ns", keys(0), rows(0))
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+def test_bad_keys_and_paths_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="empty path"):
+        FeatureStore("")
+    with pytest.raises(ValueError, match=r"keys\[1\]"):
+        FeatureStore(tmp_path).write("ns", ["a" * 32, "not-hex"], rows(0, 1))
+    with pytest.raises(ValueError, match="Invalid namespace"):
+        FeatureStore(tmp_path).count("../escape")
+
+
+def test_compact_merges_segments_and_drops_duplicates(tmp_path):
+    store = FeatureStore.create(tmp_path, segment_rows=1000)
+    for start in range(0, 30, 3):
+        store.write("ns", keys(*range(start, start + 3)), rows(*range(start, start + 3)))
+    store.write("ns", keys(0, 1), rows(0, 1))  # a racing writer stored these twice
+    store.compact()
+    indexes = [p for p in (tmp_path / "ns").glob("*.json") if p.name != "namespace.json"]
+    assert len(indexes) == 1
+    assert sum(json.loads(p.read_text())["rows"] for p in indexes) == 30
+    values, found = FeatureStore(tmp_path).read("ns", keys(*range(30)))
+    assert found.all()
+    np.testing.assert_array_equal(values, rows(*range(30)))
+
+
+def test_clear_and_pickle(tmp_path):
+    store = FeatureStore.create(tmp_path / "s", segment_rows=7)
+    store.write("a", keys(0), rows(0))
+    store.write("b", keys(0), rows(0))
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.directory == store.directory and clone.settings["segment_rows"] == 7
+    store.clear("a")
+    assert set(store.namespaces()) == {"b"}
+    store.clear()
+    assert store.namespaces() == {} and store.count("b") == 0
+
+
+_WRITER = textwrap.dedent(
+    """
+    import hashlib, sys
+    import numpy as np
+    from sklearn_difffeat import FeatureStore
+    folder, offset = sys.argv[1], int(sys.argv[2])
+    store = FeatureStore(folder)
+    with store.writer("ns", 4) as writer:
+        for i in range(offset, offset + 400):
+            key = hashlib.sha256(str(i).encode()).hexdigest()[:32]
+            writer.add([key], np.array([[i + j / 10 for j in range(4)]], np.float32))
+    """
+)
+
+
+def test_concurrent_writer_processes_lose_nothing(tmp_path):
+    FeatureStore.create(tmp_path, segment_rows=25)
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(offset)])
+             for offset in (0, 200, 400)]  # overlapping ranges: keys 200..599 are written twice
+    assert [p.wait() for p in procs] == [0, 0, 0]
+    store = FeatureStore(tmp_path)
+    assert store.count("ns") == 800
+    values, found = store.read("ns", keys(*range(800)))
+    assert found.all()
+    np.testing.assert_array_equal(values, rows(*range(800)))
