@@ -9,7 +9,7 @@ _EXPORTS = {
     "TextDiffusionFeatureExtractor": "sklearn_difffeat.extractors",
     "FusionClassifier": "sklearn_difffeat.fusion",
     "BlockTimestepSearchCV": "sklearn_difffeat.search",
-    "FeatureCache": "sklearn_difffeat.cache",
+    "FeatureStore": "sklearn_difffeat.store",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,11 +17,11 @@ SKLEARN_CHECKS_WITHOUT_DATA = [
 
 
 class PassCounter:
-    """Counts DiT passes (patch-embedding calls), images through the VAE, and blocks run."""
+    """Counts DiT passes (patch-embedding calls), images through the DiT and the VAE, and blocks run."""
 
     def __init__(self, extractor):
         backbone = extractor._backbone()
-        self.passes = self.encoded = 0
+        self.passes = self.encoded = self.rows = 0
         self.deepest = 0
         self._hooks = [
             backbone.transformer.pos_embed.register_forward_hook(self._on_pass),
@@ -34,6 +34,7 @@ class PassCounter:
 
     def _on_pass(self, module, args, out):
         self.passes += 1
+        self.rows += len(args[0])
 
     def _on_encode(self, module, args, out):
         self.encoded += args[0].shape[0]
@@ -43,7 +44,7 @@ class PassCounter:
             h.remove()
 
 
-def build_tiny_dit_pipeline(folder, with_vae=True, seed=0):
+def build_tiny_dit_pipeline(folder, with_vae=True, seed=0, sample_size=8, patch_size=2):
     """A DiT pipeline folder like facebook/DiT-XL-2-256 (transformer/, vae/, scheduler/), tiny and random."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
@@ -55,8 +56,8 @@ def build_tiny_dit_pipeline(folder, with_vae=True, seed=0):
         in_channels=latent_channels,
         out_channels=2 * latent_channels,
         num_layers=TINY_DIT_LAYERS,
-        sample_size=8,
-        patch_size=2,
+        sample_size=sample_size,
+        patch_size=patch_size,
         num_embeds_ada_norm=10,
     )
     # adaLN-zero initialises the block modulations to zero, which would make every block the identity on

@@ -17,6 +17,7 @@ from sklearn.pipeline import Pipeline
 
 from sklearn_difffeat import DiTFeatureExtractor
 from sklearn_difffeat.extractors import _base
+from sklearn_difffeat.extractors.image import to_uint8_images
 
 from conftest import SKLEARN_CHECKS_WITHOUT_DATA, TINY_DIT_LAYERS
 
@@ -225,8 +226,15 @@ def test_input_kinds_agree(tiny_dit_dir, rgb_images, tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
         image.save(paths[-1])
     floats = rgb_images.astype(np.float64) / 255
-    for variant in (pil, paths, pd.Series(list(rgb_images)), floats, list(rgb_images)):
+    # In-memory images are keyed by their model-ready pixels: every container of the same pixels is one sample.
+    for variant in (pil, pd.Series(list(rgb_images)), floats, list(rgb_images)):
         np.testing.assert_allclose(ext.transform(variant), reference, atol=1e-6)
+    # Files are keyed by their bytes (so stored features need no decoding): the same pixels reach the model,
+    # with a noise draw of their own.
+    np.testing.assert_array_equal(to_uint8_images(paths, RES), to_uint8_images(rgb_images, RES))
+    from_files = ext.transform(paths)
+    np.testing.assert_allclose(ext.transform(paths[::-1]), from_files[::-1], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(from_files, reference, atol=1e-6)
     gray = rgb_images[..., 0]
     np.testing.assert_allclose(ext.transform(gray), ext.transform(np.repeat(gray[..., None], 3, axis=-1)), atol=1e-6)
 
@@ -258,7 +266,8 @@ def test_joblib_round_trip_reloads_weights(tiny_dit_dir, rgb_images, tmp_path):
         (np.zeros((0, 16, 16, 3), np.uint8), "0 samples|No images"),
         ([], "No images"),
         (np.zeros((16, 16), np.uint8), r"shape \(n, H, W\)"),
-        (np.zeros((2, 16, 16, 5), np.uint8), "Image 0: expected shape"),
+        (np.zeros((2, 16, 16, 5), np.uint8), r"C in 1, 3, 4; got shape \(2, 16, 16, 5\)"),
+        (np.zeros((16, 16, 3), np.uint8), r"looks like one \(H, W, C\) image; pass a batch of one as X\[None\]"),
         ([np.zeros((16, 16, 3)), np.full((16, 16, 3), np.nan)], "Image 1: contains NaN"),
         ([np.zeros((16, 16, 3)), np.full((16, 16, 3), 2.0)], r"Image 1: float pixels must lie in \[0, 1\]"),
         ([np.zeros((16, 16, 3), np.uint8), "no/such/file.png"], "Image 1: cannot read file"),
@@ -329,25 +338,28 @@ def test_bfloat16_autocast_path_stays_close(tiny_dit_dir, rgb_images):
 def test_out_of_memory_halves_the_batch_and_goes_on(tiny_dit_dir, rgb_images, monkeypatch):
     reference = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300).fit(rgb_images).transform(rgb_images)
     ext = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=8).fit(rgb_images)
-    real = DiTFeatureExtractor._batch_features
+    backbone = ext._backbone()
+    real = type(backbone).hidden_states
     sizes = []
 
-    def fails_above_two(self, backbone, items, *args):
-        sizes.append(len(items))
-        if len(items) > 2:  # as CUDA would on a card that fits only two images
+    def fails_above_two(self, x_t, *args, **kwargs):
+        sizes.append(len(x_t))
+        if len(x_t) > 2:  # as CUDA would on a card that fits only two images
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, backbone, items, *args)
+        return real(self, x_t, *args, **kwargs)
 
-    monkeypatch.setattr(DiTFeatureExtractor, "_batch_features", fails_above_two)
+    monkeypatch.setattr(type(backbone), "hidden_states", fails_above_two)
     np.testing.assert_allclose(ext.transform(rgb_images), reference, atol=1e-5)
     assert sizes[:3] == [7, 4, 2] and set(sizes[3:]) <= {1, 2}  # halved until it fits, then kept
-    monkeypatch.setattr(
-        DiTFeatureExtractor, "_batch_features", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x"))
-    )
+    assert sum(s for s in sizes if s <= 2) == len(rgb_images)  # every image computed exactly once
+
+    def always_fails(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("x")
+
+    monkeypatch.setattr(type(backbone), "hidden_states", always_fails)
+    one = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=1).fit(rgb_images)
     with pytest.raises(torch.OutOfMemoryError):  # a batch of one that does not fit is reported, not looped on
-        DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=1).fit(rgb_images).transform(
-            rgb_images
-        )
+        one.transform(rgb_images)
 
 
 def test_compile_wraps_each_block_and_keeps_features(tiny_dit_dir, rgb_images, monkeypatch):
@@ -360,6 +372,7 @@ def test_compile_wraps_each_block_and_keeps_features(tiny_dit_dir, rgb_images, m
         compiled.append(module)
         return real_compile(module, backend="eager")
 
+
     monkeypatch.setattr(torch, "compile", spy)
     plain = DiTFeatureExtractor(str(tiny_dit_dir), block=[2, 4], timestep=300).fit(rgb_images).transform(rgb_images)
     got = (
@@ -367,7 +380,9 @@ def test_compile_wraps_each_block_and_keeps_features(tiny_dit_dir, rgb_images, m
         .fit(rgb_images)
         .transform(rgb_images)
     )
-    assert len(compiled) == TINY_DIT_LAYERS
+    # every block, plus the VAE encoder path
+    assert sum(isinstance(m, torch.nn.Module) for m in compiled) == TINY_DIT_LAYERS
+    assert len(compiled) == TINY_DIT_LAYERS + 1
     np.testing.assert_allclose(got, plain, atol=1e-5)
 
 

@@ -65,7 +65,7 @@ def test_t1_masks_everything(mdlm_dir):
     ext = make(mdlm_dir, timestep=1.0)
     assert all(m.all() for m in ext.token_masks(TEXTS, 1.0))
     X = ext.transform(["the cat sat", "blue sea moon", "one two"])
-    np.testing.assert_array_equal(X[0], X[1])  # same token count, all masked: identical inputs
+    np.testing.assert_allclose(X[0], X[1], rtol=1e-5, atol=1e-6)  # same token count, all masked: identical inputs
     clean = make(mdlm_dir, timestep=0.0).transform(["the cat sat", "blue sea moon"])
     assert not np.allclose(clean[0], clean[1])
 

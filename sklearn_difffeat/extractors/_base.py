@@ -1,17 +1,27 @@
-"""Machinery shared by the image and text extractors.
+"""The extraction engine shared by the image and text extractors.
 
-A subclass says how to load its backbone, how to validate and fingerprint its input, and how to compute pooled
-features for a batch at one timestep. This base does the rest: parameter checks, resolving block indices,
-per-sample random generators, the loop over timesteps and batches, the on-disk cache, halving the batch on
-CUDA out-of-memory, progress, feature names, and keeping weights out of pickles.
+A subclass says how to load its backbone, how to validate and key its input, how to turn samples into batches
+and how to compute pooled features for a batch. This base does the rest, in one streaming pass:
+
+1. key every sample by its content (parallel hashing; no decoding), and fold identical samples together;
+2. serve what the feature store already holds, per (block, timestep);
+3. stream the rest through the subclass's batches (decoded in worker processes, or read from the store),
+   computing every missing timestep of a batch while its clean input is at hand;
+4. copy results back asynchronously, so the device computes batch k + 1 while the host stores batch k, and
+   append them to the store segment by segment, so an interrupted run keeps what it finished.
+
+Host memory stays bounded by the batch size and the prefetch depth; only the keys and the output grow with n.
 """
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 import os
-from collections import OrderedDict
+import queue
+import threading
+import warnings
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,12 +30,18 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ..cache import FeatureCache, stable_hash
+from ..backbones.base import resolve_blocks
+from ..store import FeatureStore, StoreWriteError, stable_hash
+from ._noise import key_words
+
+KEY_BYTES = 16  # 128-bit sample keys, written as 32 hex characters
 
 # Loaded backbones, shared by every extractor in the process: clones made by GridSearchCV, or set_params
 # between fits, reuse the weights instead of reading them again. Small, because each entry may hold GBs.
 _BACKBONES: OrderedDict = OrderedDict()
 _MAX_BACKBONES = 2
+# Open stores, so their loaded segment indexes and memory maps serve every transform of the process.
+_STORES: dict = {}
 
 
 def cached_backbone(key, load, keepalive=None):
@@ -49,18 +65,15 @@ def clear_backbone_cache():
     _BACKBONES.clear()
 
 
-def sample_generator(random_state: int, fingerprint: str, draw: int) -> torch.Generator:
-    """A CPU generator seeded by (random_state, sample content, draw) only.
-
-    Seeding by content rather than position makes a sample's noise independent of batch size, batch
-    composition, order and device; reusing it for every timestep gives common random numbers.
-    """
-    digest = hashlib.blake2b(f"{random_state}|{fingerprint}|{draw}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+def open_store(directory) -> FeatureStore:
+    path = os.path.abspath(os.fspath(directory))
+    if path not in _STORES:
+        _STORES[path] = FeatureStore(path)
+    return _STORES[path]
 
 
 def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool (B, N, D) token states to (B, D) ("mean", "max", "first") or (B, N*D) ("none").
+    """Pool (B, N, D) token states to (B, D) ("mean", "max", "first") or (B, N*D) ("none"), in float32.
 
     ``mask`` (B, N) marks real tokens; padding never enters a mean or max.
     """
@@ -77,27 +90,6 @@ def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = 
     return hidden.masked_fill(~mask, float("-inf")).amax(dim=1)
 
 
-def resolve_blocks(block, num_blocks: int) -> list[int]:
-    """Normalise ``block`` (int or list; negatives count from the end) to indices in [0, num_blocks]."""
-    requested = [block] if isinstance(block, numbers.Integral) else list(block)
-    if not requested:
-        raise ValueError("block is an empty list; give at least one block index.")
-    resolved = []
-    for value in requested:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"block must be an int or a list of ints, got {value!r}.")
-        index = int(value) + num_blocks + 1 if value < 0 else int(value)
-        if not 0 <= index <= num_blocks:
-            raise ValueError(
-                f"block={value} is out of range for a model with {num_blocks} blocks: valid values are "
-                f"0..{num_blocks} (0 = embedding, k = output of block k) or -{num_blocks + 1}..-1 from the end."
-            )
-        if index in resolved:
-            raise ValueError(f"block lists {value} twice (as block {index}).")
-        resolved.append(index)
-    return resolved
-
-
 def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, np.ndarray, range)) else [value]
 
@@ -111,22 +103,110 @@ def single_column(X, what: str):
     return X
 
 
-def resolve_device(device) -> torch.device:
+def prefetch(iterator, depth: int):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead; re-raise its errors here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(item)
+            items.put(done)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            items.put(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+def default_workers() -> int:
+    """All cores but one (the one that drives the device), at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(16, cores - 1))
+
+
+def resolve_device(device, model_device: torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device; None means the given modules' device, else CUDA when available."""
     if device is None:
+        if model_device is not None:
+            return model_device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a device torch knows ({exc}).") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(device)!r} was requested, but PyTorch sees no CUDA device "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False). Use device=None "
+                             "(CUDA when available, else CPU) or device='cpu'.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={str(device)!r} was requested, but only {count} CUDA device(s) are visible.")
+    return device
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, model_dtype: torch.dtype | None = None) -> torch.dtype:
+    """``"auto"``: the given modules' dtype, else bfloat16 on CUDA and float32 elsewhere."""
     if dtype == "auto":
+        if model_dtype is not None:
+            return model_dtype
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+@dataclass
+class Batch:
+    """A batch of unique samples on its way to the device: ``rows`` index the call's unique samples."""
+
+    rows: np.ndarray
+    payload: object  # the subclass's input: pixels, latents, token ids ...
+
+
+@dataclass
+class _Run:
+    """State of one ``transform`` call."""
+
+    keys: np.ndarray  # (U,) unique sample keys
+    first: np.ndarray  # (U,) position of each unique sample in the input
+    inverse: np.ndarray  # (n,) unique row of each input position
+    missing: np.ndarray  # (U, T) which (sample, timestep) features still need computing
+    blocks: list  # requested blocks
+    computed_blocks: list  # blocks each pass produces (requested, or every block up to cache_depth)
+    timesteps: list
+    out: np.ndarray  # (n, len(blocks), T, width)
+    store: FeatureStore | None
+    namespaces: dict  # (block, timestep index) -> namespace
+    descriptions: dict  # namespace -> description
+    rows_per_pass: int
+    device: torch.device
+    writers: dict = field(default_factory=dict)
+    failures: dict = field(default_factory=dict)  # unique row -> message (only when failures are kept)
+    store_failed: bool = False
 
 
 class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
     """Shared base; see :class:`DiTFeatureExtractor` and :class:`TextDiffusionFeatureExtractor`."""
 
     _feature_prefix = "feat"
+    # Set by the sharded extraction (sklearn_difffeat.extract): record unreadable samples instead of raising.
+    _keep_going = False
 
     _parameter_constraints: dict = {
         "block": ["array-like", Interval(numbers.Integral, None, None, closed="neither")],
@@ -134,6 +214,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         "n_noise_draws": [Interval(numbers.Integral, 1, None, closed="left")],
         "random_state": [Interval(numbers.Integral, 0, None, closed="left")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "num_workers": [Interval(numbers.Integral, 0, None, closed="left"), None],
         "device": [str, torch.device, None],
         "dtype": [StrOptions({"auto", "float32", "bfloat16", "float16"})],
         "cache": [str, os.PathLike, None],
@@ -143,45 +224,47 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
 
     # ---- hooks for subclasses -------------------------------------------------------------------------
     def _backbone_options(self) -> tuple:
-        """Parameters besides ``model`` and ``device`` that change the loaded backbone (e.g. compile)."""
+        """Parameters besides model, device and dtype that change the loaded backbone (e.g. compile)."""
         return ()
 
-    def _load_backbone(self, device: torch.device):
-        """Load the backbone on ``device`` (called at most once per key per process)."""
+    def _load_backbone(self, device: torch.device, dtype: torch.dtype):
+        """Load the backbone and put it on ``device`` in ``dtype`` (called at most once per key per process)."""
+        raise NotImplementedError
+
+    def _in_memory_modules(self):
+        """The torch modules of a ``model`` given as objects (their device and dtype are the defaults)."""
         raise NotImplementedError
 
     def _check_timesteps(self, backbone) -> list:
-        """Validated list of timesteps."""
-        raise NotImplementedError
-
-    def _prepare(self, X, backbone):
-        """Validate X; return (items, fingerprints): one item and one content fingerprint per sample."""
         raise NotImplementedError
 
     def _check_model_params(self, backbone) -> None:
         """Check subclass parameters whose valid range depends on the loaded model."""
 
     def _feature_width(self, backbone) -> int:
-        """Width of one pooled (block, timestep) feature."""
         raise NotImplementedError
 
-    def _batch_features(self, backbone, items, fingerprints, timestep, blocks, state) -> dict:
-        """Pooled features {block: (B, width) float32 tensor} averaged over noise draws.
+    def _namespace_description(self, backbone, timestep) -> dict:
+        """Everything besides the sample and the block that determines a stored feature."""
+        return {
+            "extractor": self._feature_prefix, "model": backbone.fingerprint, "timestep": timestep,
+            "pooling": self.pooling, "n_noise_draws": self.n_noise_draws, "random_state": self.random_state,
+            "dtype": str(backbone.dtype).replace("torch.", ""),
+        }
 
-        ``state`` is a dict that lives for one ``transform`` call (e.g. to encode each image once).
-        """
+    def _samples(self, X, backbone):
+        """Validate X as a container; return an object with ``len()`` and ``keys(workers)``."""
         raise NotImplementedError
 
-    def _cache_namespace_parts(self, backbone, timestep) -> tuple:
-        """Everything besides the sample and block that determines a cached feature."""
-        return (
-            backbone.fingerprint,
-            self._feature_prefix,
-            self.pooling,
-            float(timestep),
-            self.n_noise_draws,
-            self.random_state,
-        )
+    def _batches(self, run: _Run, samples, backbone, todo: np.ndarray):
+        """Yield :class:`Batch` es covering the unique samples ``todo`` (indices into ``run.keys``)."""
+        raise NotImplementedError
+
+    def _compute(self, run: _Run, backbone, batch: Batch, plan) -> dict:
+        """Features of ``batch``: ``{ti: (local rows, {block: (k, width) tensor})}`` for each ``(ti, t)`` of
+        ``plan``, for the rows of the batch that miss timestep ``ti``. May also return ``"extra"``: a list of
+        ``(namespace, description, local rows, (k, w) tensor)`` to store (e.g. latents)."""
+        raise NotImplementedError
 
     # ---- sklearn API ----------------------------------------------------------------------------------
     def __sklearn_tags__(self):
@@ -194,11 +277,12 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Check the parameters and load the backbone. Nothing is learned from X."""
+        self._check_cache_param()
         backbone = self._backbone()
         resolve_blocks(self.block, backbone.num_blocks)
         self._check_timesteps(backbone)
         self._check_model_params(backbone)
-        self._check_cache_depth(backbone)
+        self._cache_depth(backbone)
         self.n_blocks_ = backbone.num_blocks
         self.feature_width_ = self._feature_width(backbone)
         self.n_features_out_ = len(self._feature_names(backbone))
@@ -212,70 +296,141 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "n_features_out_")
         backbone = self._backbone()
+        samples = self._samples(X, backbone)
+        run = self._plan(backbone, samples)
+        todo = np.flatnonzero(run.missing.any(axis=1))
+        total = int(run.missing.sum())
+        progress = tqdm(total=total, disable=not self.verbose or total == 0, desc=type(self).__name__,
+                        unit="sample")
+        try:
+            with progress, torch.inference_mode():
+                self._stream(run, samples, backbone, todo, progress)
+        finally:
+            self._close_writers(run)
+        return self._finish(run)
+
+    def _plan(self, backbone, samples) -> _Run:
+        """Key the samples, fold duplicates, and read what the store already holds."""
         blocks = resolve_blocks(self.block, backbone.num_blocks)
         timesteps = self._check_timesteps(backbone)
-        items, fingerprints = self._prepare(X, backbone)
         width = self._feature_width(backbone)
-        n = len(items)
-        out = np.empty((n, len(blocks), len(timesteps), width), dtype=np.float32)
-        cache = FeatureCache(self.cache) if self.cache is not None else None
-        # With a cache, a pass may go deeper than asked (cache_depth) so that later requests for other blocks
-        # at this timestep (by a search, say) are served without another pass.
-        depth = max(blocks)
-        if cache is not None and self.cache_depth is not None:
-            depth = max(depth, self._check_cache_depth(backbone))
-        computed_blocks = sorted(set(blocks) | (set(range(depth + 1)) if depth > max(blocks) else set()))
-
-        # Serve what the cache holds first, so that the progress bar counts only real work.
-        plan = []
+        keys = samples.keys(self._workers())
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # work in input order: progress and resumption follow the data
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        unique, first, inverse = unique[order], first[order], rank[inverse.reshape(-1)]
+        store = open_store(self.cache) if self.cache is not None else None
+        depth = self._cache_depth(backbone) if store is not None else None
+        computed = sorted(set(blocks) | (set(range(depth + 1)) if depth is not None and depth > max(blocks) else set()))
+        namespaces, descriptions = {}, {}
         for ti, t in enumerate(timesteps):
-            namespace = stable_hash(*self._cache_namespace_parts(backbone, t)) if cache is not None else None
-            todo = []
-            for i, fp in enumerate(fingerprints):
-                stored = cache.load(namespace, fp, [f"b{b}" for b in blocks]) if cache is not None else None
-                if stored is not None:
-                    for bi, b in enumerate(blocks):
-                        out[i, bi, ti] = stored[f"b{b}"]
-                else:
-                    todo.append(i)
-            plan.append((ti, t, namespace, todo))
+            base = self._namespace_description(backbone, t)
+            for b in computed:
+                description = {**base, "block": b, "width": width}
+                name = f"{self._feature_prefix}-b{b}-t{t:g}-{stable_hash(description)}"
+                namespaces[b, ti], descriptions[name] = name, description
+        out = np.empty((len(keys), len(blocks), len(timesteps), width), dtype=np.float32)
+        missing = np.ones((len(unique), len(timesteps)), dtype=bool)
+        if store is not None:
+            for ti in range(len(timesteps)):
+                stored = np.ones(len(unique), dtype=bool)
+                for bi, b in enumerate(blocks):
+                    values, found = store.read(namespaces[b, ti], unique, width)
+                    out[first[found], bi, ti] = values[found]
+                    stored &= found
+                missing[:, ti] = ~stored
+        return _Run(keys=unique, first=first, inverse=inverse, missing=missing, blocks=blocks, computed_blocks=computed,
+                    timesteps=timesteps, out=out, store=store, namespaces=namespaces, descriptions=descriptions,
+                    rows_per_pass=self.batch_size, device=backbone.device)
 
-        state: dict = {}
-        total = sum(len(todo) for *_, todo in plan)
-        progress = tqdm(total=total, disable=not self.verbose or total == 0, desc=type(self).__name__, unit="sample")
-        with progress:
-            for ti, t, namespace, todo in plan:
-                batches = self._compute_in_batches(backbone, items, fingerprints, todo, t, computed_blocks, state)
-                for idx, feats in batches:
-                    for bi, b in enumerate(blocks):
-                        out[idx, bi, ti] = feats[b]
-                    if cache is not None:  # per batch, so an interrupted extraction keeps what it finished
-                        for row, i in enumerate(idx):
-                            cache.store(namespace, fingerprints[i], {f"b{b}": feats[b][row] for b in computed_blocks})
-                    progress.update(len(idx))
-        return out.reshape(n, -1)
+    def _stream(self, run: _Run, samples, backbone, todo, progress):
+        pending: deque = deque()
+        for batch in self._batches(run, samples, backbone, todo):
+            need = run.missing[batch.rows]
+            plan = [(ti, t) for ti, t in enumerate(run.timesteps) if need[:, ti].any()]
+            results = self._compute(run, backbone, batch, plan)
+            pending.append(self._to_host(run, batch, results))
+            if len(pending) > 1:  # the device already works on this batch while the host stores the last one
+                self._store_results(run, pending.popleft(), progress)
+        while pending:
+            self._store_results(run, pending.popleft(), progress)
 
-    def _compute_in_batches(self, backbone, items, fingerprints, todo, timestep, blocks, state):
-        """Yield (indices, {block: (B, width) ndarray}) for the samples in ``todo``.
+    @staticmethod
+    def _to_host(run: _Run, batch: Batch, results: dict):
+        """Start copying a batch's results to the host without waiting for the device."""
+        copies = {}
+        for ti, (local, feats) in results.get("features", {}).items():
+            stacked = torch.stack([feats[b] for b in sorted(feats)], dim=1).float()
+            copies[ti] = (local, sorted(feats), stacked.to("cpu", non_blocking=True))
+        extra = [(ns, desc, local, t.float().to("cpu", non_blocking=True)) for ns, desc, local, t in
+                 results.get("extra", [])]
+        event = None
+        if run.device.type == "cuda":  # the copies are queued behind the batch's kernels; wait for them later
+            event = torch.cuda.Event()
+            event.record()
+        return batch, copies, extra, event
 
-        ``batch_size`` is a maximum: on CUDA out-of-memory the batch is halved and the same samples retried.
-        """
-        batch_size = self.batch_size
-        start = 0
-        while start < len(todo):
-            idx = todo[start : start + batch_size]
+    def _store_results(self, run: _Run, item, progress):
+        batch, copies, extra, event = item
+        if event is not None:
+            event.synchronize()
+        for ns, description, local, values in extra:
+            self._write(run, ns, description, run.keys[batch.rows[local]], values.numpy())
+        for ti, (local, computed, values) in copies.items():
+            values = values.numpy()
+            rows = batch.rows[local]
+            for bi, b in enumerate(run.blocks):
+                run.out[run.first[rows], bi, ti] = values[:, computed.index(b)]
+            for j, b in enumerate(computed):
+                ns = run.namespaces[b, ti]
+                self._write(run, ns, run.descriptions[ns], run.keys[rows], values[:, j])
+            run.missing[rows, ti] = False
+            progress.update(len(rows))
+
+    def _write(self, run: _Run, namespace, description, keys, values):
+        if run.store is None or run.store_failed:
+            return
+        writer = run.writers.get(namespace)
+        if writer is None:
+            writer = run.writers[namespace] = run.store.writer(namespace, values.shape[1], description)
+        try:
+            writer.add(keys, values)
+        except StoreWriteError as exc:
+            self._store_unwritable(run, exc)
+
+    def _close_writers(self, run: _Run):
+        for writer in run.writers.values():
+            if run.store_failed:
+                break
             try:
-                feats = self._batch_features(
-                    backbone, [items[i] for i in idx], [fingerprints[i] for i in idx], timestep, blocks, state
-                )
-            except torch.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size //= 2
-                torch.cuda.empty_cache()
-                continue
-            yield np.asarray(idx), {b: f.float().cpu().numpy() for b, f in feats.items()}
-            start += len(idx)
+                writer.flush()
+            except StoreWriteError as exc:
+                self._store_unwritable(run, exc)
+
+    @staticmethod
+    def _store_unwritable(run: _Run, exc):
+        run.store_failed = True
+        warnings.warn(f"{exc}. Features are computed and returned, but nothing is stored in the cache for the "
+                      "rest of this call.", RuntimeWarning, stacklevel=4)
+
+    @staticmethod
+    def _finish(run: _Run):
+        n = len(run.out)
+        canonical = run.first[run.inverse]
+        duplicates = np.flatnonzero(canonical != np.arange(n))
+        if len(duplicates):  # identical samples were computed once: copy them to their other positions
+            run.out[duplicates] = run.out[canonical[duplicates]]
+        if run.failures:
+            run.out[np.isin(run.inverse, list(run.failures))] = np.nan
+        return run.out.reshape(n, -1)
+
+    def _fail(self, run: _Run, row: int, message: str):
+        """A sample that cannot be read: raise, or (sharded extraction) record it and go on."""
+        if not self._keep_going:
+            raise ValueError(message)
+        run.failures[row] = message
+        run.missing[row] = False
 
     def get_feature_names_out(self, input_features=None):
         """Names like ``dit_b12_t500_0``: prefix, block, timestep, index within the pooled feature."""
@@ -293,17 +448,46 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
 
     # ---- helpers --------------------------------------------------------------------------------------
     def _backbone(self):
-        device = resolve_device(self.device)
         model = self.model
-        source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else id(model)
-        key = (type(self).__name__, device, source, *self._backbone_options())
-        return cached_backbone(key, lambda: self._load_backbone(device), keepalive=model)
+        in_memory = not isinstance(model, (str, os.PathLike))
+        modules = self._in_memory_modules() if in_memory else None
+        first = next(modules[0].parameters()) if modules else None
+        device = resolve_device(self.device, first.device if first is not None else None)
+        dtype = resolve_dtype(self.dtype, device, first.dtype if first is not None else None)
+        source = id(model) if in_memory else os.fspath(model)
+        key = (type(self).__name__, source, device, dtype, *self._backbone_options())
+        return cached_backbone(key, lambda: self._load_backbone(device, dtype), keepalive=model)
 
-    def _check_cache_depth(self, backbone):
+    def _workers(self) -> int:
+        return default_workers() if self.num_workers is None else self.num_workers
+
+    def _check_cache_param(self):
+        if self.cache is not None and os.fspath(self.cache) == "":
+            raise ValueError("cache='' is not a folder; give a folder path for the feature store, or None.")
+
+    def _cache_depth(self, backbone):
         if self.cache_depth is None:
             return None
-        return resolve_blocks(self.cache_depth, backbone.num_blocks)[0]
+        return resolve_blocks(self.cache_depth, backbone.num_blocks, name="cache_depth")[0]
 
-    def _autocast(self, device: torch.device):
-        dtype = resolve_dtype(self.dtype, device)
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    def _in_chunks(self, run: _Run, n: int, compute):
+        """Call ``compute(slice)`` over row chunks of at most ``run.rows_per_pass``, halving it on CUDA
+        out-of-memory (the chunk is retried; the smaller size is kept for the rest of the call)."""
+        outputs, start = [], 0
+        while start < n:
+            stop = min(n, start + run.rows_per_pass)
+            try:
+                outputs.append(compute(slice(start, stop)))
+            except torch.OutOfMemoryError:
+                if run.rows_per_pass == 1:
+                    raise
+                run.rows_per_pass //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start = stop
+        return outputs
+
+    @staticmethod
+    def _seed_words(run: _Run, rows: np.ndarray, device) -> torch.Tensor:
+        return key_words(run.keys[rows]).to(device)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
+import math
 import numbers
-import os
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..backbones.dit import load_dit_backbone
-from ..cache import FeatureCache, stable_hash
-from ._base import BaseDiffusionFeatureExtractor, as_list, pool_tokens, sample_generator, single_column
+from ..store import stable_hash
+from ._base import BaseDiffusionFeatureExtractor, Batch, as_list, pool_tokens
+from ._images import PREPROCESSING, ImageDataset, ImageSamples, collate_images, to_uint8_images
+from ._noise import normals, sample_seeds
+
+__all__ = ["DiTFeatureExtractor", "to_uint8_images"]
 
 DEFAULT_TIMESTEP = 100  # a middle-low DDPM step; see the class docstring for why
 
@@ -24,7 +26,8 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
     Each image is resized (shorter side) and center-cropped to the model's resolution, scaled to [-1, 1],
     encoded by the VAE (posterior mean times the scaling factor; pixel-space models skip this), noised to step
     ``t`` with the scheduler's ``add_noise`` and passed through the Transformer up to the deepest requested
-    block. Nothing is learned in ``fit``.
+    block. The noise of an image is a pure function of its content key, ``random_state`` and the draw, and is
+    the same at every timestep. Nothing is learned in ``fit``.
 
     Parameters
     ----------
@@ -48,19 +51,27 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
     n_noise_draws : int, default=1
         Features are averaged over this many noise draws.
     random_state : int, default=0
-        Seeds the noise together with each image's content, so an image always gets the same noise, whatever
-        the batch, order or device, and the same noise at every timestep.
+        Seeds the noise together with each image's content key (a hash of the file bytes, or of the array or
+        PIL pixels as given), so an image always gets the same noise, whatever the batch, order, worker count
+        or device, and the same noise at every timestep.
     batch_size : int, default=64
         Maximum batch; halved automatically on CUDA out-of-memory.
+    num_workers : int or None, default=None
+        Worker processes that decode and resize images (a torch ``DataLoader``) while the device computes; 0
+        decodes in the calling process. ``None``: all cores but one, at most 16. Content keys are hashed by as
+        many threads. Arrays already at the model's resolution (uint8) need no decoding.
     device : str, torch.device or None, default=None
-        ``None`` picks CUDA when available.
+        ``None`` picks CUDA when available, or the device of modules passed as ``model``. Modules passed as
+        ``model`` are moved to an explicit ``device`` in place.
     dtype : {"auto", "float32", "bfloat16", "float16"}, default="auto"
-        Autocast precision; "auto" is bfloat16 on CUDA and float32 on CPU. Features are returned as float32.
+        Precision the weights are cast to (once, at load): "auto" is bfloat16 on CUDA and float32 on CPU (or
+        the dtype of modules passed as ``model``). Features are returned as float32.
     compile : bool, default=False
-        ``torch.compile`` the Transformer blocks (worth it for large extractions on GPU).
+        ``torch.compile`` the Transformer blocks and the VAE encoder (worth it for large extractions on GPU).
     cache : str, path-like or None, default=None
-        Folder of an on-disk cache for latents and features (see :class:`FeatureCache`), shared across clones,
-        folds and processes.
+        Folder of a :class:`~sklearn_difffeat.FeatureStore` for clean latents and features, shared across
+        clones, folds, processes and machines. Keyed by each image's content (a file's bytes), so a fully
+        stored run over file paths decodes nothing.
     cache_depth : int or None, default=None
         With a cache, run each pass at least to this block and store every block up to it, so that later
         requests for other blocks at the same timestep need no new pass (useful for searches).
@@ -71,6 +82,10 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
     ----------
     n_features_out_ : int
         Number of output features.
+    n_blocks_ : int
+        Number of Transformer blocks of the model.
+    feature_width_ : int
+        Width of one pooled (block, timestep) feature.
     """
 
     _feature_prefix = "dit"
@@ -95,6 +110,7 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         n_noise_draws=1,
         random_state=0,
         batch_size=64,
+        num_workers=None,
         device=None,
         dtype="auto",
         compile=False,
@@ -110,6 +126,7 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         self.n_noise_draws = n_noise_draws
         self.random_state = random_state
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.device = device
         self.dtype = dtype
         self.compile = compile
@@ -121,8 +138,16 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
     def _backbone_options(self):
         return (bool(self.compile),)
 
-    def _load_backbone(self, device):
-        backbone = load_dit_backbone(self.model).to(device)
+    def _in_memory_modules(self):
+        model = self.model
+        transformer = model.get("transformer") if isinstance(model, dict) else getattr(model, "transformer", None)
+        if not isinstance(transformer, torch.nn.Module):
+            raise ValueError("model must be a hub id, a folder, 'embedded:NAME', or modules given as "
+                             "{'transformer': ..., 'scheduler': ..., 'vae': ...}; found no transformer module.")
+        return [transformer]
+
+    def _load_backbone(self, device, dtype):
+        backbone = load_dit_backbone(self.model).to(device, dtype)
         return backbone.compile() if self.compile else backbone
 
     def _check_timesteps(self, backbone):
@@ -147,149 +172,113 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
     def _feature_width(self, backbone):
         return backbone.width * (backbone.num_tokens if self.pooling == "none" else 1)
 
-    def _cache_namespace_parts(self, backbone, timestep):
-        label = backbone.null_class if self.class_label is None else self.class_label
-        return (*super()._cache_namespace_parts(backbone, timestep), label)
+    def _label(self, backbone):
+        return backbone.null_class if self.class_label is None else self.class_label
+
+    def _namespace_description(self, backbone, timestep):
+        return {**super()._namespace_description(backbone, timestep), "class_label": self._label(backbone),
+                "preprocessing": PREPROCESSING, "resolution": backbone.resolution}
+
+    def _x0_namespace(self, backbone):
+        """Where clean inputs (VAE latents, or normalised pixels of a pixel-space model) are stored."""
+        description = {"extractor": "dit-x0", "encoder": backbone.encoder_fingerprint, "preprocessing": PREPROCESSING,
+                       "resolution": backbone.resolution, "channels": backbone.image_channels,
+                       "dtype": str(backbone.dtype).replace("torch.", "")}
+        return f"dit-x0-{stable_hash(description)}", description
 
     # ---- input ----------------------------------------------------------------------------------------
-    def _prepare(self, X, backbone):
-        images = to_uint8_images(X, backbone.resolution, backbone.image_channels)
-        fingerprints = [hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest() for image in images]
-        return images, fingerprints
+    def _samples(self, X, backbone):
+        return ImageSamples(X, backbone.resolution, backbone.image_channels)
+
+    def _batches(self, run, samples, backbone, todo):
+        """Stored clean inputs first (no decoding), then images decoded in worker processes."""
+        size = self.batch_size
+        shape = backbone.latent_shape
+        if run.store is not None:
+            namespace, _ = self._x0_namespace(backbone)
+            stored = run.store.contains(namespace, run.keys[todo])
+            for start in range(0, int(stored.sum()), size):
+                rows = todo[stored][start:start + size]
+                values, found = run.store.read(namespace, run.keys[rows], width=math.prod(shape))
+                if found.all():
+                    yield Batch(rows, ("x0", self._pinned(run, torch.from_numpy(values).view(-1, *shape))))
+                else:  # damaged after all: decode these images below
+                    stored[np.flatnonzero(stored)[start:start + size][~found]] = False
+            todo = todo[~stored]
+        if len(todo) == 0:
+            return
+        positions = run.first[todo]
+        workers = self._workers()
+        if samples.ready or workers == 0:
+            for start in range(0, len(todo), size):
+                rows = todo[start:start + size]
+                yield Batch(rows, ("pixels", self._pinned(run, self._load_in_process(run, samples, rows))))
+            return
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(samples, positions), batch_size=size, num_workers=workers, collate_fn=collate_images,
+            pin_memory=run.device.type == "cuda", prefetch_factor=4,
+        )
+        for indices, pixels, errors in loader:
+            for i, message in errors.items():
+                self._fail(run, int(todo[i]), message)
+            if pixels is not None:
+                yield Batch(todo[indices], ("pixels", pixels))
+
+    def _load_in_process(self, run, samples, rows):
+        if samples.ready:
+            return samples.pixels(run.first[rows])
+        images = []
+        for row in rows:
+            try:
+                images.append(samples.load(int(run.first[row])))
+            except ValueError as exc:
+                self._fail(run, int(row), str(exc))
+                images.append(np.zeros((samples.resolution, samples.resolution, samples.channels), np.uint8))
+        return torch.from_numpy(np.stack(images))
+
+    @staticmethod
+    def _pinned(run, tensor):
+        return tensor.pin_memory() if run.device.type == "cuda" else tensor
 
     # ---- computation ----------------------------------------------------------------------------------
-    def _batch_features(self, backbone, items, fingerprints, timestep, blocks, state):
-        device = backbone.transformer.device
-        x0 = self._clean_inputs(backbone, items, fingerprints, state).to(device)
-        batch = len(items)
-        label = backbone.null_class if self.class_label is None else self.class_label
-        labels = torch.full((batch,), label, dtype=torch.long, device=device)
-        steps = torch.full((batch,), timestep, dtype=torch.long, device=device)
-        pooled = {}
-        for draw in range(self.n_noise_draws):
-            noise = torch.stack(
-                [
-                    torch.randn(backbone.latent_shape, generator=sample_generator(self.random_state, fp, draw))
-                    for fp in fingerprints
-                ]
-            ).to(device)
-            x_t = backbone.add_noise(x0, noise, steps)
-            with torch.inference_mode(), self._autocast(device):
-                taps = backbone.hidden_states(x_t, steps, labels, blocks)
-            for b, hidden in taps.items():
-                feature = pool_tokens(hidden, self.pooling)
-                pooled[b] = feature if draw == 0 else pooled[b] + feature
-        return {b: f / self.n_noise_draws for b, f in pooled.items()}
+    def _compute(self, run, backbone, batch, plan):
+        device = run.device
+        kind, data = batch.payload
+        data = data.to(device, non_blocking=True)
+        extra = []
+        if kind == "pixels":
+            # uint8 travels to the device (4x less than float) and is normalised there.
+            pixels = data.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            x0 = torch.cat(self._in_chunks(run, len(pixels), lambda s: backbone.encode(pixels[s]).float()))
+            if run.store is not None:
+                namespace, description = self._x0_namespace(backbone)
+                extra.append((namespace, description, np.arange(len(batch.rows)), x0.reshape(len(x0), -1)))
+        else:
+            x0 = data.float()
+        # One noise per sample and draw, reused at every timestep (common random numbers).
+        words = self._seed_words(run, batch.rows, device)
+        noises = [normals(sample_seeds(words, self.random_state, d), backbone.latent_shape)
+                  for d in range(self.n_noise_draws)]
+        label = self._label(backbone)
+        need = run.missing[batch.rows]
+        features = {}
+        for ti, t in plan:
+            local = np.flatnonzero(need[:, ti])
+            index = torch.from_numpy(local).to(device)
 
-    def _clean_inputs(self, backbone, items, fingerprints, state):
-        """x0 for a batch: latents encoded once per image per call, and once ever with a cache."""
-        latents = state.setdefault("latents", {})
-        missing = [i for i, fp in enumerate(fingerprints) if fp not in latents]
-        if missing:
-            cache = FeatureCache(self.cache) if self.cache is not None else None
-            namespace = stable_hash(backbone.encoder_fingerprint, "latents", backbone.resolution)
-            to_encode = []
-            for i in missing:
-                stored = cache.load(namespace, fingerprints[i]) if cache is not None else None
-                if stored is not None:
-                    latents[fingerprints[i]] = torch.from_numpy(stored["latent"])
-                else:
-                    to_encode.append(i)
-            if to_encode:
-                device = backbone.transformer.device
-                pixels = torch.from_numpy(np.stack([items[i] for i in to_encode])).to(device)
-                # uint8 travels to the device (4x less than float) and is normalised there.
-                pixels = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-                with torch.inference_mode(), self._autocast(device):
-                    encoded = backbone.encode(pixels).float().cpu()
-                for row, i in enumerate(to_encode):
-                    latents[fingerprints[i]] = encoded[row].clone()
-                    if cache is not None:
-                        cache.store(namespace, fingerprints[i], {"latent": encoded[row].numpy()})
-        return torch.stack([latents[fp] for fp in fingerprints])
+            def one_pass(part, t=t, index=index):
+                rows = index[part]
+                steps = torch.full((len(rows),), t, dtype=torch.long, device=device)
+                labels = torch.full((len(rows),), label, dtype=torch.long, device=device)
+                pooled = {}
+                for noise in noises:
+                    x_t = backbone.add_noise(x0[rows], noise[rows], steps)
+                    taps = backbone.hidden_states(x_t, steps, labels, blocks=run.computed_blocks)
+                    for b, hidden in taps.items():
+                        feature = pool_tokens(hidden, self.pooling)
+                        pooled[b] = feature if b not in pooled else pooled[b] + feature
+                return {b: f / len(noises) for b, f in pooled.items()}
 
-
-def to_uint8_images(X, resolution: int, channels: int = 3) -> list[np.ndarray]:
-    """Validate images and bring each to a (resolution, resolution, channels) uint8 array.
-
-    Accepts a (n, H, W[, C]) array (uint8, or float in [0, 1]), or a list / pandas Series / one-column
-    DataFrame of PIL images, arrays or file paths. Shorter side resized (bicubic) to ``resolution``, then
-    center-cropped. Float images are quantised to 8 bits. Errors name the offending sample.
-    """
-    X = single_column(X, "images")
-    if isinstance(X, np.ndarray) and X.dtype != object:
-        if X.ndim not in (3, 4):
-            raise ValueError(
-                f"An image array must have shape (n, H, W) or (n, H, W, C); got shape {X.shape}. "
-                "Wrap a single image as X[None]."
-            )
-        samples = list(X)
-    elif hasattr(X, "iloc"):
-        samples = list(X.to_numpy())
-    elif isinstance(X, (list, tuple, np.ndarray)):
-        samples = list(X)
-    else:
-        raise ValueError(f"Images must be an array, list, pandas Series or DataFrame column; got {type(X).__name__}.")
-    if not samples:
-        raise ValueError("No images given (0 samples).")
-    return [_one_image(sample, i, resolution, channels) for i, sample in enumerate(samples)]
-
-
-def _one_image(sample, index, resolution, channels):
-    if isinstance(sample, (str, os.PathLike)):
-        try:
-            with Image.open(sample) as opened:
-                image = opened.convert("RGB")
-        except Exception as exc:
-            raise ValueError(f"Image {index}: cannot read file {os.fspath(sample)!r} ({exc}).") from exc
-    elif isinstance(sample, Image.Image):
-        image = sample.convert("RGB")
-    elif isinstance(sample, np.ndarray):
-        array = _array_to_uint8(sample, index)
-        if channels == 3 and array.shape == (resolution, resolution, 3):
-            return np.ascontiguousarray(array)  # already model-ready: skip PIL
-        image = Image.fromarray(array).convert("RGB")
-    else:
-        raise ValueError(f"Image {index}: expected a PIL image, an array or a file path, got {type(sample).__name__}.")
-    image = _resize_center_crop(image, resolution)
-    array = np.asarray(image, dtype=np.uint8)
-    if channels == 1:
-        array = np.asarray(image.convert("L"), dtype=np.uint8)[..., None]
-    return array
-
-
-def _array_to_uint8(array, index):
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"Image {index}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
-    if array.size == 0:
-        raise ValueError(f"Image {index}: empty array of shape {array.shape}.")
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise ValueError(f"Image {index}: contains NaN or infinite values.")
-        if array.min() < 0 or array.max() > 1:
-            raise ValueError(
-                f"Image {index}: float pixels must lie in [0, 1], found [{array.min():.3g}, {array.max():.3g}]."
-            )
-        return np.round(array * 255).astype(np.uint8)
-    if array.dtype.kind in "iu":
-        if array.min() < 0 or array.max() > 255:
-            raise ValueError(
-                f"Image {index}: integer pixels must lie in [0, 255], found [{array.min()}, {array.max()}]."
-            )
-        return array.astype(np.uint8)
-    raise ValueError(f"Image {index}: unsupported dtype {array.dtype} (use uint8, or float in [0, 1]).")
-
-
-def _resize_center_crop(image, size):
-    if image.size == (size, size):
-        return image
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+            parts = self._in_chunks(run, len(local), one_pass)
+            features[ti] = (local, {b: torch.cat([p[b] for p in parts]) for b in run.computed_blocks})
+        return {"features": features, "extra": extra}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import numbers
 import warnings
 
@@ -10,8 +11,9 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ..backbones.text import load_text_backbone, loglinear_sigma
-from ._base import BaseDiffusionFeatureExtractor, as_list, pool_tokens, sample_generator, single_column
+from ..backbones.text import is_text_backbone, load_text_backbone, loglinear_sigma
+from ._base import KEY_BYTES, BaseDiffusionFeatureExtractor, Batch, as_list, pool_tokens, prefetch, single_column
+from ._noise import key_words, sample_seeds, uniforms
 
 
 class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
@@ -43,18 +45,24 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
     n_noise_draws : int, default=1
         Features are averaged over this many mask draws (only one pass at ``t = 0``).
     random_state : int, default=0
-        Seeds the masks together with each text's token ids: a text always gets the same mask, whatever the
+        Seeds the masks together with each text's content: a text always gets the same mask, whatever the
         batch, order or device, and the masks of one text are nested across timesteps (what is masked at
         t = 0.2 is also masked at t = 0.5).
     batch_size : int, default=32
-        Maximum batch; halved automatically on CUDA out-of-memory.
+        Maximum batch; halved automatically on CUDA out-of-memory. Texts are batched by length, so batches carry
+        little padding (and none when their texts tokenize to the same length).
+    num_workers : int or None, default=None
+        0 tokenizes in the calling thread between batches; any other value tokenizes in a background thread
+        two batches ahead of the device (the tokenizer itself uses all cores). ``None``: background.
     device : str, torch.device or None, default=None
-        ``None`` picks CUDA when available.
+        ``None`` picks CUDA when available, or the device of a backbone passed as ``model``. A backbone passed
+        as ``model`` is moved to an explicit ``device`` in place.
     dtype : {"auto", "float32", "bfloat16", "float16"}, default="auto"
-        Autocast precision; "auto" is bfloat16 on CUDA and float32 on CPU. Features are returned as float32.
+        Precision the weights are cast to (once, at load): "auto" is bfloat16 on CUDA and float32 on CPU (or
+        the dtype of a backbone passed as ``model``). Features are returned as float32.
     cache : str, path-like or None, default=None
-        Folder of an on-disk feature cache (see :class:`FeatureCache`), shared across clones, folds and
-        processes.
+        Folder of a :class:`~sklearn_difffeat.FeatureStore`, shared across clones, folds, processes and
+        machines; texts are keyed by their content.
     cache_depth : int or None, default=None
         With a cache, run each pass at least to this block and store every block up to it.
     trust_remote_code : bool, default=False
@@ -66,6 +74,10 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
     ----------
     n_features_out_ : int
         Number of output features.
+    n_blocks_ : int
+        Number of Transformer blocks of the model.
+    feature_width_ : int
+        Width of one pooled (block, timestep) feature.
     """
 
     _feature_prefix = "text"
@@ -90,6 +102,7 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         n_noise_draws=1,
         random_state=0,
         batch_size=32,
+        num_workers=None,
         device=None,
         dtype="auto",
         cache=None,
@@ -105,6 +118,7 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         self.n_noise_draws = n_noise_draws
         self.random_state = random_state
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.device = device
         self.dtype = dtype
         self.cache = cache
@@ -116,10 +130,14 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
     def _backbone_options(self):
         return (bool(self.trust_remote_code),)
 
-    def _load_backbone(self, device):
-        backbone = load_text_backbone(self.model, trust_remote_code=self.trust_remote_code)
-        backbone.module.to(device)
-        return backbone
+    def _in_memory_modules(self):
+        if not is_text_backbone(self.model):
+            raise TypeError(f"model must be a path, a hub id, 'embedded:NAME' or a text backbone, got "
+                            f"{type(self.model).__name__}.")
+        return self.model.modules
+
+    def _load_backbone(self, device, dtype):
+        return load_text_backbone(self.model, trust_remote_code=self.trust_remote_code).to(device, dtype)
 
     def _check_timesteps(self, backbone):
         timesteps = as_list(self.timestep)
@@ -137,48 +155,50 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
     def _feature_width(self, backbone):
         return backbone.width
 
-    def _cache_namespace_parts(self, backbone, timestep):
-        # The token ids (the sample fingerprint) already reflect max_length and the tokenizer.
-        return (*super()._cache_namespace_parts(backbone, timestep), "tokens-v1")
+    def _limit(self, backbone):
+        """Token budget per text (special tokens included): max_length, capped by the model's positions."""
+        limits = [v for v in (self.max_length, backbone.max_length) if v is not None]
+        return min(limits) if limits else None
+
+    def _namespace_description(self, backbone, timestep):
+        # Keys hash the raw text: the tokenizer (in the model fingerprint) and the token budget decide the ids.
+        return {**super()._namespace_description(backbone, timestep), "max_length": self._limit(backbone),
+                "input": "text-v2"}
 
     # ---- input ----------------------------------------------------------------------------------------
-    def _prepare(self, X, backbone):
-        texts = _check_texts(X)
-        tokenizer = backbone.tokenizer
-        limit = self.max_length if self.max_length is not None else backbone.max_length
-        if limit is not None and backbone.max_length is not None:
-            limit = min(limit, backbone.max_length)
-        from transformers.utils import logging as hf_logging
+    def _samples(self, X, backbone):
+        return TextSamples(X)
 
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum": we warn once
-        try:
-            encoded = tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True)
-            ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
-            too_long = [i for i, row in enumerate(ids) if limit is not None and len(row) > limit]
-            if too_long:
-                # Re-tokenize only those with the tokenizer's own truncation, which keeps its closing tokens.
-                cut = tokenizer([texts[i] for i in too_long], add_special_tokens=True, truncation=True,
-                                max_length=limit, return_special_tokens_mask=True)
-                for j, i in enumerate(too_long):
-                    ids[i], special[i] = cut["input_ids"][j], cut["special_tokens_mask"][j]
-        finally:
-            hf_logging.set_verbosity(level)
-        if too_long:
+    def _batches(self, run, samples, backbone, todo):
+        """Length-bucketed batches (texts of similar length together), tokenized ahead of the device."""
+        lengths = np.fromiter((len(samples.texts[p]) for p in run.first[todo]), dtype=np.int64, count=len(todo))
+        order = todo[np.argsort(lengths, kind="stable")]
+        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        limit = self._limit(backbone)
+        truncated = [0, None]  # count, first input position
+
+        def tokenized():
+            for rows in chunks:
+                texts = [samples.texts[p] for p in run.first[rows]]
+                ids, special, lengths, cut = tokenize(backbone.tokenizer, texts, limit, backbone.pad_token_id)
+                if cut.any():
+                    truncated[0] += int(cut.sum())
+                    first = int(run.first[rows][cut].min())
+                    truncated[1] = first if truncated[1] is None else min(truncated[1], first)
+                empty = np.flatnonzero((~special & (np.arange(ids.shape[1]) < lengths[:, None])).sum(axis=1) == 0)
+                for i in empty:
+                    text = texts[i]
+                    raise ValueError(f"Text {int(run.first[rows[i]])} ({text[:40]!r}) gives no tokens besides "
+                                     "special tokens.")
+                yield Batch(rows, tuple(torch.from_numpy(a) for a in (ids, special, lengths)))
+
+        source = tokenized() if self.num_workers == 0 else prefetch(tokenized(), depth=2)
+        yield from source
+        if truncated[0]:
             warnings.warn(
-                f"{len(too_long)} of {len(texts)} texts are longer than max_length={limit} tokens and were "
-                f"truncated (first: index {too_long[0]}).",
-                UserWarning,
-                stacklevel=3,
+                f"{truncated[0]} of {len(todo)} texts are longer than max_length={limit} tokens and were "
+                f"truncated (first: index {truncated[1]}).", UserWarning, stacklevel=4,
             )
-        items, fingerprints = [], []
-        for i, (row, spec) in enumerate(zip(ids, special)):
-            if not any(s == 0 for s in spec):
-                raise ValueError(f"Text {i} ({texts[i][:40]!r}) gives no tokens besides special tokens.")
-            row = np.asarray(row, dtype=np.int64)
-            items.append((row, np.asarray(spec, dtype=bool)))
-            fingerprints.append(hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest())
-        return items, fingerprints
 
     def token_masks(self, X, timestep, draw=0):
         """Which tokens of each text are masked at noise level ``timestep`` (a bool array per text).
@@ -187,41 +207,107 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         added by the tokenizer (e.g. BERT's [CLS], [SEP]) are never masked.
         """
         backbone = self._backbone()
-        items, fingerprints = self._prepare(X, backbone)
-        return [self._mask(len(row), spec, fp, float(timestep), draw).numpy() for (row, spec), fp in
-                zip(items, fingerprints)]
+        samples = TextSamples(X)
+        _, special, lengths, _ = tokenize(backbone.tokenizer, samples.texts, self._limit(backbone),
+                                            backbone.pad_token_id)
+        words = key_words(samples.keys(1))
+        masked = self._masks(torch.from_numpy(special), torch.from_numpy(lengths), words, float(timestep), draw)
+        return [row[:n].numpy() for row, n in zip(masked, lengths)]
 
-    def _mask(self, n_tokens, special, fingerprint, timestep, draw):
-        # One uniform per token from the text's own generator; the same uniforms serve every timestep, so
+    def _masks(self, special, lengths, words, timestep, draw):
+        # One uniform per (text, position) from the text's key: the same uniforms serve every timestep, so
         # masks are nested across t. u lies in [0, 1): t = 0 masks nothing, t = 1 every (non-special) token.
-        u = torch.rand(n_tokens, generator=sample_generator(self.random_state, fingerprint, draw))
-        return (u < timestep) & ~torch.from_numpy(special)
+        u = uniforms(sample_seeds(words, self.random_state, draw), special.shape[1])
+        real = torch.arange(special.shape[1], device=special.device)[None, :] < lengths[:, None]
+        return (u < timestep) & real & ~special
 
     # ---- computation ----------------------------------------------------------------------------------
-    def _batch_features(self, backbone, items, fingerprints, timestep, blocks, state):
-        device = next(backbone.module.parameters()).device
-        batch, length = len(items), max(len(row) for row, _ in items)
-        ids = torch.full((batch, length), backbone.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((batch, length), dtype=torch.long)
-        for i, (row, _) in enumerate(items):
-            ids[i, : len(row)] = torch.from_numpy(row)
-            attention[i, : len(row)] = 1
-        attention_dev = attention.to(device)
-        sigma = loglinear_sigma(torch.full((batch,), timestep)).to(device) if backbone.time_conditioned else None
-        draws = self.n_noise_draws if timestep > 0 else 1  # no noise: every draw would be the same pass
-        pooled = {}
-        for draw in range(draws):
-            noisy = ids.clone()
-            if timestep > 0:
-                for i, ((row, special), fp) in enumerate(zip(items, fingerprints)):
-                    mask = self._mask(len(row), special, fp, timestep, draw)
-                    noisy[i, : len(row)][mask] = backbone.mask_token_id
-            with torch.inference_mode(), self._autocast(device):
-                taps = backbone.hidden_states(noisy.to(device), attention_dev, sigma, blocks)
-            for b, hidden in taps.items():
-                feature = pool_tokens(hidden, self.pooling, attention_dev)
-                pooled[b] = feature if draw == 0 else pooled[b] + feature
-        return {b: f / draws for b, f in pooled.items()}
+    def _compute(self, run, backbone, batch, plan):
+        device = run.device
+        ids, special, lengths = (t.to(device, non_blocking=True) for t in batch.payload)
+        lengths_host = batch.payload[2]
+        words = self._seed_words(run, batch.rows, device)
+        need = run.missing[batch.rows]
+        features = {}
+        for ti, t in plan:
+            local = np.flatnonzero(need[:, ti])
+            index = torch.from_numpy(local).to(device)
+
+            def one_pass(part, t=t, index=index, local=local):
+                rows = index[part]
+                width = int(lengths_host[local[part]].max())  # no padding beyond this chunk's longest text
+                chunk_ids, chunk_special, chunk_lengths = ids[rows, :width], special[rows, :width], lengths[rows]
+                uniform = bool((lengths_host[local[part]] == width).all())
+                attention = None if uniform else (
+                    torch.arange(width, device=device)[None, :] < chunk_lengths[:, None]).long()
+                sigma = (loglinear_sigma(torch.full((len(rows),), t)).to(device)
+                         if backbone.time_conditioned else None)
+                draws = self.n_noise_draws if t > 0 else 1  # no noise: every draw would be the same pass
+                pooled = {}
+                for draw in range(draws):
+                    noisy = chunk_ids
+                    if t > 0:
+                        masked = self._masks(chunk_special, chunk_lengths, words[rows], t, draw)
+                        noisy = chunk_ids.masked_fill(masked, backbone.mask_token_id)
+                    taps = backbone.hidden_states(noisy, attention, sigma, run.computed_blocks)
+                    for b, hidden in taps.items():
+                        feature = pool_tokens(hidden, self.pooling, attention)
+                        pooled[b] = feature if b not in pooled else pooled[b] + feature
+                return {b: f / draws for b, f in pooled.items()}
+
+            parts = self._in_chunks(run, len(local), one_pass)
+            features[ti] = (local, {b: torch.cat([p[b] for p in parts]) for b in run.computed_blocks})
+        return {"features": features}
+
+
+class TextSamples:
+    """Validated texts with content keys (a hash of the UTF-8 text)."""
+
+    def __init__(self, X):
+        self.texts = _check_texts(X)
+
+    def __len__(self):
+        return len(self.texts)
+
+    def keys(self, workers):
+        keys = np.empty(len(self.texts), dtype=f"S{2 * KEY_BYTES}")
+        for i, text in enumerate(self.texts):
+            keys[i] = hashlib.sha256(b"text:" + text.encode("utf-8")).hexdigest()[: 2 * KEY_BYTES].encode()
+        return keys
+
+
+def tokenize(tokenizer, texts, limit, pad_id):
+    """Token ids of a batch of texts, padded with ``pad_id``: ``(ids, special, lengths, truncated)``.
+
+    Texts longer than ``limit`` tokens are cut by the tokenizer's own truncation (which keeps closing special
+    tokens); ``truncated`` marks them. Padding is built with array operations, not per text.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum": we warn once
+    try:
+        # One token over the budget tells which texts are too long without tokenizing everything twice.
+        options = dict(truncation=True, max_length=limit + 1) if limit is not None else {}
+        encoded = tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True, **options)
+        ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        truncated = lengths > limit if limit is not None else np.zeros(len(ids), dtype=bool)
+        if truncated.any():
+            cut = tokenizer([texts[i] for i in np.flatnonzero(truncated)], add_special_tokens=True,
+                            return_special_tokens_mask=True, truncation=True, max_length=limit)
+            for j, i in enumerate(np.flatnonzero(truncated)):
+                ids[i], special[i] = cut["input_ids"][j], cut["special_tokens_mask"][j]
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    finally:
+        hf_logging.set_verbosity(level)
+    width = int(lengths.max())
+    real = np.arange(width)[None, :] < lengths[:, None]
+    padded = np.full((len(ids), width), pad_id, dtype=np.int64)
+    padded[real] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    flags = np.zeros((len(ids), width), dtype=bool)
+    flags[real] = np.fromiter(itertools.chain.from_iterable(special), dtype=bool, count=int(lengths.sum()))
+    return padded, flags, lengths, truncated
 
 
 def _check_texts(X) -> list[str]:

@@ -1,0 +1,273 @@
+"""Image inputs: validation, content keys, decoding and resizing, without materialising a dataset.
+
+An image collection is validated as a container up front (shape, dtype, value range of arrays; the type of each
+item of a list), keyed by content, and decoded one sample at a time, in DataLoader worker processes when there
+are many. Errors name the sample.
+
+Keys: an in-memory image (array or PIL) is keyed by its model-ready pixels, so a uint8 array, the same image as
+floats in [0, 1], as PIL or as a grayscale array repeated to RGB are one sample. A file is keyed by its bytes, so
+that a run over stored files decodes nothing; the same picture given as a file and as an array is therefore two
+samples (identical features at t = 0; at t > 0 each has its own noise draw).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ._base import KEY_BYTES, single_column
+
+# Bump when decoding or resizing changes: keys of file inputs are hashes of the file bytes, so the namespace
+# of cached latents and features must name the preprocessing that turned those bytes into pixels.
+PREPROCESSING = "pil-bicubic-centercrop-v2"
+
+
+class ImageSamples:
+    """A validated image collection: ``len``, content keys, and model-ready uint8 pixels on demand.
+
+    ``ready`` is True for a uint8 ``(n, R, R, C)`` array already at the model's resolution and channel count:
+    its samples need no decoding, so batches are plain slices.
+    """
+
+    def __init__(self, X, resolution: int, channels: int):
+        self.resolution, self.channels = resolution, channels
+        X = single_column(X, "images")
+        if isinstance(X, np.ndarray) and X.dtype != object:
+            self.items = _check_image_array(X)
+            self.is_array = True
+        else:
+            if hasattr(X, "iloc"):
+                X = X.to_numpy()
+            if isinstance(X, np.ndarray):
+                if X.ndim != 1:
+                    raise ValueError(f"An object array of images must be 1-D, got shape {X.shape}.")
+                X = X.tolist()
+            if isinstance(X, (str, os.PathLike)) or not isinstance(X, (list, tuple)):
+                raise ValueError(
+                    f"Images must be an array, a list, a pandas Series or DataFrame column; got {type(X).__name__}."
+                )
+            for i, item in enumerate(X):
+                if not isinstance(item, (str, os.PathLike, Image.Image, np.ndarray)):
+                    raise ValueError(f"Image {i}: expected a PIL image, an array or a file path, got "
+                                     f"{type(item).__name__}.")
+            self.items = np.empty(len(X), dtype=object)  # an array, not a list: cheap to share with workers
+            self.items[:] = list(X) if len(X) else []
+            self.is_array = False
+        if len(self.items) == 0:
+            raise ValueError("No images given (0 samples).")
+        self.ready = (self.is_array and self.items.dtype == np.uint8 and self.items.ndim == 4
+                      and self.items.shape[1:] == (resolution, resolution, channels))
+
+    def __len__(self):
+        return len(self.items)
+
+    def keys(self, workers: int) -> np.ndarray:
+        """(n,) ASCII hex content keys, hashed in ``workers`` threads (hashlib releases the GIL)."""
+        n = len(self.items)
+        keys = np.empty(n, dtype=f"S{2 * KEY_BYTES}")
+
+        def run(start, stop):
+            for i in range(start, stop):
+                item = self.items[i]
+                if isinstance(item, (str, os.PathLike)):
+                    keys[i] = _file_key(item, i)
+                else:  # PIL releases the GIL while resizing, hashlib while hashing: threads run in parallel
+                    keys[i] = pixels_key(item if self.ready else self.load(i))
+
+        bounds = np.linspace(0, n, min(workers, n) + 1).astype(int) if workers > 1 else np.array([0, n])
+        if len(bounds) == 2:
+            run(0, n)
+        else:
+            with ThreadPoolExecutor(len(bounds) - 1) as pool:
+                for future in [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]:
+                    future.result()  # re-raises the first error, which names its sample
+        return keys
+
+    def pixels(self, positions: np.ndarray) -> torch.Tensor:
+        """(B, R, R, C) uint8 for a batch of positions, decoded here (the in-process path)."""
+        if self.ready:
+            return torch.from_numpy(self.items[positions])
+        return torch.from_numpy(np.stack([self.load(int(p)) for p in positions]))
+
+    def load(self, position: int) -> np.ndarray:
+        return load_image(self.items[position], position, self.resolution, self.channels)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The samples at ``positions``, decoded in DataLoader workers; failures travel back as messages."""
+
+    def __init__(self, samples: ImageSamples, positions: np.ndarray):
+        self.samples, self.positions = samples, positions
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.samples.load(int(self.positions[i])), None
+        except ValueError as exc:
+            return i, None, str(exc)
+
+
+def collate_images(batch):
+    """(indices of the good samples, their uint8 pixels, {index: error message} of the bad ones).
+
+    Indices count within the dataset's ``positions``; an error message names the input position.
+    """
+    good = [(i, image) for i, image, error in batch if error is None]
+    errors = {i: error for i, _, error in batch if error is not None}
+    indices = np.array([i for i, _ in good], dtype=np.int64)
+    pixels = torch.from_numpy(np.stack([image for _, image in good])) if good else None
+    return indices, pixels, errors
+
+
+def _check_image_array(X: np.ndarray) -> np.ndarray:
+    """Validate a numeric (n, H, W[, C]) array as a whole; errors name the first offending sample."""
+    if X.ndim >= 1 and len(X) == 0:
+        raise ValueError("No images given (0 samples).")
+    if X.ndim == 3 and X.shape[-1] in (3, 4):
+        raise ValueError(
+            f"An array of shape {X.shape} looks like one (H, W, C) image; pass a batch of one as X[None]. "
+            "(For grayscale images of width 3 or 4, pass shape (n, H, W, 1).)"
+        )
+    if X.ndim not in (3, 4) or (X.ndim == 4 and X.shape[-1] not in (1, 3, 4)):
+        raise ValueError(
+            f"An image array must have shape (n, H, W) or (n, H, W, C) with C in 1, 3, 4; got shape {X.shape}. "
+            "Wrap a single image as X[None]."
+        )
+    if X.size == 0:
+        raise ValueError(f"The image array is empty (shape {X.shape}).")
+    flat = X.reshape(len(X), -1)
+    if X.dtype == np.uint8:
+        return X
+    if X.dtype.kind == "f":
+        bad = ~np.isfinite(flat).all(axis=1)
+        if bad.any():
+            raise ValueError(f"Image {int(np.argmax(bad))}: contains NaN or infinite values.")
+        bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) > 1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"Image {i}: float pixels must lie in [0, 1], found [{flat[i].min():.3g}, "
+                             f"{flat[i].max():.3g}].")
+        return X
+    if X.dtype.kind in "iu":
+        bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) > 255)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"Image {i}: integer pixels must lie in [0, 255], found [{flat[i].min()}, "
+                             f"{flat[i].max()}] (scale 16-bit images to 8 bits, or to floats in [0, 1]).")
+        return X
+    raise ValueError(f"Unsupported image dtype {X.dtype} (use uint8, or float in [0, 1]).")
+
+
+def pixels_key(pixels: np.ndarray) -> bytes:
+    """Key of model-ready uint8 pixels (the hex digest as ASCII bytes)."""
+    digest = hashlib.sha256(f"pixels:{pixels.shape}:".encode())
+    digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+    return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
+
+
+def _file_key(path, index: int) -> bytes:
+    """Key of an image file: a hash of its bytes (no decoding)."""
+    digest = hashlib.sha256(b"file:")
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ValueError(f"Image {index}: cannot read file {os.fspath(path)!r} ({exc}).") from exc
+    return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
+
+
+def load_image(item, index: int, resolution: int, channels: int) -> np.ndarray:
+    """One sample as a (resolution, resolution, channels) uint8 array: decoded, resized (shorter side,
+    bicubic) and center-cropped."""
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as opened:
+                if opened.format == "JPEG":
+                    # Decode at the smallest 1/2, 1/4 or 1/8 scale that still covers the target: much faster
+                    # for large photos, and the bicubic resize below does the rest.
+                    opened.draft("RGB" if channels == 3 else "L", (resolution, resolution))
+                image = _to_8bit(opened, index)
+                image.load()
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"Image {index}: cannot read file {os.fspath(item)!r} ({exc}).") from exc
+    elif isinstance(item, Image.Image):
+        image = _to_8bit(item, index)
+    else:
+        array = _array_to_uint8(np.asarray(item), index)
+        if array.shape[:2] == (resolution, resolution) and channels == 3 and array.ndim == 3 and array.shape[2] == 3:
+            return np.ascontiguousarray(array)  # already model-ready: skip PIL
+        image = Image.fromarray(array)
+    image = image.convert("RGB" if channels == 3 else "L")
+    array = np.asarray(_resize_center_crop(image, resolution), dtype=np.uint8)
+    return array if channels == 3 else array[..., None]
+
+
+def _to_8bit(image: Image.Image, index: int) -> Image.Image:
+    """Bring high-bit-depth modes to 8 bits by their true range instead of letting convert() clip them."""
+    if image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): 0..65535 -> 0..255
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.round(values / 257.0).astype(np.uint8))
+    if image.mode == "F":  # 32-bit float: accepted when it is a [0, 1] image, like float arrays
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise ValueError(f"Image {index}: a floating-point image (mode F) must hold values in [0, 1]; found "
+                             f"[{np.nanmin(values):.3g}, {np.nanmax(values):.3g}]. Scale it to [0, 1] or to 8 bits.")
+        return Image.fromarray(np.round(values * 255).astype(np.uint8))
+    if image.mode in ("I", "I;32"):
+        raise ValueError(f"Image {index}: 32-bit integer images (mode {image.mode}) have no defined value range; "
+                         "convert them to 8 bits, or to a float array in [0, 1].")
+    return image
+
+
+def _array_to_uint8(array: np.ndarray, index: int) -> np.ndarray:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"Image {index}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
+    if array.size == 0:
+        raise ValueError(f"Image {index}: empty array of shape {array.shape}.")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"Image {index}: contains NaN or infinite values.")
+        if array.min() < 0 or array.max() > 1:
+            raise ValueError(
+                f"Image {index}: float pixels must lie in [0, 1], found [{array.min():.3g}, {array.max():.3g}]."
+            )
+        return np.round(array * 255).astype(np.uint8)
+    if array.dtype.kind in "iu":
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(
+                f"Image {index}: integer pixels must lie in [0, 255], found [{array.min()}, {array.max()}]."
+            )
+        return array.astype(np.uint8)
+    raise ValueError(f"Image {index}: unsupported dtype {array.dtype} (use uint8, or float in [0, 1]).")
+
+
+def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    if image.size == (size, size):
+        return image
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_uint8_images(X, resolution: int, channels: int = 3) -> np.ndarray:
+    """``(n, resolution, resolution, channels)`` uint8: exactly the pixels the extractor feeds the model."""
+    samples = ImageSamples(X, resolution, channels)
+    return np.stack([samples.load(i) for i in range(len(samples))])

@@ -1,0 +1,298 @@
+"""The extraction engine with the feature store: what is computed once, what survives a kill, what is never
+decoded, what bad files and folders do, and that none of it changes a feature."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sklearn_difffeat import DiTFeatureExtractor, FeatureStore, TextDiffusionFeatureExtractor
+from sklearn_difffeat.extractors import _images
+
+from conftest import PassCounter, build_tiny_dit_pipeline
+
+BLOCKS, STEPS = [1, 4], [50, 600]
+
+
+def ext_for(model, **params):
+    params = {"block": BLOCKS, "timestep": STEPS, **params}
+    return DiTFeatureExtractor(str(model), **params).fit(None)
+
+
+def test_latents_once_and_features_reused(tiny_dit_dir, rgb_images, tmp_path):
+    kwargs = dict(block=[2, 3], timestep=[100, 500, 900], cache=str(tmp_path), batch_size=3)
+    ext = DiTFeatureExtractor(str(tiny_dit_dir), **kwargs).fit(rgb_images)
+    counter = PassCounter(ext)
+    first = ext.transform(rgb_images)
+    assert counter.encoded == len(rgb_images)  # once per image, not once per timestep
+    assert counter.passes == 3 * 3  # 3 timesteps x 3 batches
+    counter.passes = counter.encoded = 0
+    again = DiTFeatureExtractor(str(tiny_dit_dir), **kwargs).fit(rgb_images).transform(rgb_images)
+    assert counter.passes == 0 and counter.encoded == 0
+    np.testing.assert_array_equal(again, first)
+    # a new timestep needs passes, but no VAE encoding: latents come from the store
+    DiTFeatureExtractor(str(tiny_dit_dir), **{**kwargs, "timestep": 300}).fit(rgb_images).transform(rgb_images)
+    assert counter.passes == 3 and counter.encoded == 0
+    counter.close()
+    uncached = DiTFeatureExtractor(str(tiny_dit_dir), **{**kwargs, "cache": None}).fit(rgb_images).transform(rgb_images)
+    np.testing.assert_allclose(first, uncached, atol=1e-6)
+
+
+def test_cache_depth_serves_other_blocks_without_a_pass(tiny_dit_dir, rgb_images, tmp_path):
+    base = dict(timestep=200, cache=str(tmp_path), cache_depth=-1, batch_size=len(rgb_images))
+    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=1, **base).fit(rgb_images)
+    counter = PassCounter(ext)
+    ext.transform(rgb_images)
+    assert counter.passes == 1 and counter.deepest == 5  # ran to the cache depth once
+    for block in (0, 2, 4, 5, [3, 1]):
+        got = DiTFeatureExtractor(str(tiny_dit_dir), block=block, **base).fit(rgb_images).transform(rgb_images)
+        plain = DiTFeatureExtractor(str(tiny_dit_dir), block=block, timestep=200).fit(rgb_images).transform(rgb_images)
+        np.testing.assert_allclose(got, plain, atol=1e-6)
+    assert counter.passes == 1 + len((0, 2, 4, 5, [3, 1]))  # the "plain" runs only
+    counter.close()
+
+
+def test_parameters_that_change_features_do_not_share_entries(tiny_dit_dir, rgb_images, tmp_path):
+    base = dict(block=2, timestep=300, cache=str(tmp_path))
+    a = DiTFeatureExtractor(str(tiny_dit_dir), **base).fit(rgb_images).transform(rgb_images)
+    changes = (dict(random_state=5), dict(pooling="max"), dict(class_label=3), dict(n_noise_draws=2),
+               dict(dtype="bfloat16"))  # features computed in bfloat16 are never served to float32, or back
+    for change in changes:
+        cached = DiTFeatureExtractor(str(tiny_dit_dir), **base, **change).fit(rgb_images).transform(rgb_images)
+        fresh = DiTFeatureExtractor(str(tiny_dit_dir), **{**base, "cache": None}, **change).fit(None)
+        np.testing.assert_allclose(cached, fresh.transform(rgb_images), atol=1e-6)
+        assert np.abs(cached - a).max() > 1e-5, change
+
+
+def test_identical_samples_are_computed_once(tiny_dit_dir, rgb_images):
+    ext = ext_for(tiny_dit_dir)
+    counter = PassCounter(ext)
+    repeated = np.concatenate([rgb_images, rgb_images[::-1], rgb_images[:2]])
+    features = ext.transform(repeated)
+    assert counter.rows == len(rgb_images) * len(STEPS) and counter.encoded == len(rgb_images)
+    counter.close()
+    n = len(rgb_images)
+    np.testing.assert_array_equal(features[n:2 * n], features[:n][::-1])
+    np.testing.assert_array_equal(features[2 * n:], features[:2])
+
+
+def test_features_identical_for_any_workers_batch_size_and_order(tiny_dit_dir, rgb_images, tmp_path):
+    files = []
+    for i, image in enumerate(rgb_images):  # file inputs go through the DataLoader workers
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(files[-1])
+    reference = ext_for(tiny_dit_dir, num_workers=0, batch_size=64).transform(files)
+    for workers, batch in ((2, 64), (0, 1), (2, 7), (2, 1)):
+        got = ext_for(tiny_dit_dir, num_workers=workers, batch_size=batch).transform(files)
+        np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-6)
+    order = np.random.default_rng(0).permutation(len(files))
+    shuffled = ext_for(tiny_dit_dir, num_workers=2, batch_size=3).transform([files[i] for i in order])
+    np.testing.assert_allclose(shuffled, reference[order], rtol=1e-6, atol=1e-6)
+
+
+def test_fully_stored_run_over_paths_decodes_nothing(tiny_dit_dir, rgb_images, tmp_path, monkeypatch):
+    files = []
+    for i, image in enumerate(rgb_images):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(image).save(files[-1], quality=95)
+    ext = ext_for(tiny_dit_dir, cache=str(tmp_path / "store"), num_workers=0)
+    first = ext.transform(files)
+    decoded = []
+    real = _images.load_image
+    monkeypatch.setattr(_images, "load_image", lambda *a: decoded.append(a[1]) or real(*a))
+    counter = PassCounter(ext)
+    np.testing.assert_array_equal(ext.transform(files), first)
+    assert decoded == [] and counter.passes == 0
+    # a new timestep decodes nothing either: the clean latents are stored too
+    ext_for(tiny_dit_dir, timestep=[50, 600, 999], cache=str(tmp_path / "store"), num_workers=0).transform(files)
+    assert decoded == [] and counter.rows == len(files) and counter.encoded == 0
+    counter.close()
+
+
+def test_damaged_segment_is_recomputed_not_read(tiny_dit_dir, rgb_images, tmp_path):
+    store_dir = tmp_path / "store"
+    reference = ext_for(tiny_dit_dir, cache=str(store_dir)).transform(rgb_images)
+    for data in store_dir.glob("dit-b4-t600-*/*.npy"):
+        array = np.load(data)
+        np.save(data, array + 1.0)  # same shape, wrong values: only the checksum can tell
+    fresh = ext_for(tiny_dit_dir, cache=str(store_dir))  # a new process would open the store anew
+    from sklearn_difffeat.extractors import _base
+
+    _base._STORES.clear()
+    counter = PassCounter(fresh)
+    with pytest.warns(RuntimeWarning, match="checksum"):
+        got = fresh.transform(rgb_images)
+    np.testing.assert_allclose(got, reference, atol=1e-6)
+    assert counter.rows == len(rgb_images)  # only timestep 600 was recomputed
+    counter.close()
+
+
+_WORKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from sklearn_difffeat import DiTFeatureExtractor
+    model, store, data, out, kill_after = sys.argv[1:6]
+    X = np.load(data)
+    ext = DiTFeatureExtractor(model, block=[1, 4], timestep=[50, 600], batch_size=2, cache=store).fit(X)
+    passes = []
+    def maybe_die(*args):
+        passes.append(1)
+        if len(passes) > int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as with an OOM kill or a pulled plug
+    ext._backbone().transformer.pos_embed.register_forward_hook(maybe_die)
+    np.save(out, ext.transform(X))
+    """
+)
+
+
+def _worker(model, store, data, out, kill_after=10**6):
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(model), str(store), str(data), str(out),
+                             str(kill_after)])
+
+
+def test_killed_extraction_resumes_and_equals_an_uninterrupted_run(tiny_dit_dir, tmp_path):
+    images = np.random.default_rng(5).integers(0, 256, size=(9, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    store_dir = tmp_path / "store"
+    FeatureStore.create(store_dir, segment_rows=2)  # every batch of 2 closes a segment
+    proc = _worker(tiny_dit_dir, store_dir, tmp_path / "x.npy", tmp_path / "never.npy", kill_after=5)
+    assert proc.wait() == -9
+    store = FeatureStore(store_dir)
+    features = {name: store.count(name) for name in store.namespaces() if name.startswith("dit-b")}
+    assert len(features) == 4 and 0 < sum(features.values()) < 4 * 9  # some, not all, was kept
+    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=[50, 600], batch_size=2,
+                              cache=str(store_dir)).fit(images)
+    counter = PassCounter(ext)
+    resumed = ext.transform(images)
+    counter.close()
+    kept = {t: min(n for name, n in features.items() if f"-t{t}-" in name) for t in (50, 600)}
+    assert counter.rows == sum(9 - kept[t] for t in (50, 600))  # exactly the missing (sample, timestep) pairs
+    fresh = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=[50, 600]).fit(images).transform(images)
+    np.testing.assert_allclose(resumed, fresh, atol=1e-5)
+
+
+def test_two_processes_writing_one_store(tiny_dit_dir, tmp_path):
+    images = np.random.default_rng(6).integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    FeatureStore.create(tmp_path / "store", segment_rows=2)
+    procs = [_worker(tiny_dit_dir, tmp_path / "store", tmp_path / "x.npy", tmp_path / f"f{i}.npy") for i in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    f0, f1 = np.load(tmp_path / "f0.npy"), np.load(tmp_path / "f1.npy")
+    np.testing.assert_allclose(f0, f1, atol=1e-6)
+    store = FeatureStore(tmp_path / "store")
+    assert {store.count(name) for name in store.namespaces()} == {8}  # every entry of every namespace
+    assert not list((tmp_path / "store").rglob(".*.part"))
+    again = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=[50, 600], cache=str(tmp_path / "store"))
+    counter = PassCounter(again.fit(images))
+    np.testing.assert_allclose(again.transform(images), f0, atol=1e-6)
+    assert counter.passes == 0
+    counter.close()
+
+
+def test_read_only_store_computes_and_warns_once(tiny_dit_dir, rgb_images, tmp_path, monkeypatch):
+    from test_store import read_only
+
+    reference = ext_for(tiny_dit_dir).transform(rgb_images)
+    read_only(tmp_path / "ro", monkeypatch)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = ext_for(tiny_dit_dir, cache=str(tmp_path / "ro"), batch_size=2).transform(rgb_images)
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    np.testing.assert_allclose(got, reference, atol=1e-6)
+    messages = [str(w.message) for w in caught if "nothing is stored" in str(w.message)]
+    assert len(messages) == 1 and "Permission" in messages[0]
+
+
+def test_bounded_host_memory_over_many_paths(tmp_path):
+    """Peak RSS of transforming 4,000 256-px JPEG paths exceeds that of 400 by < 300 MB (all decoded images
+    would take 786 MB)."""
+    model = build_tiny_dit_pipeline(tmp_path / "m256", with_vae=False, sample_size=256, patch_size=32)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "jpg"
+    folder.mkdir()
+    tiles = rng.integers(0, 256, size=(64, 256, 256, 3), dtype=np.uint8)
+    for i in range(4000):  # distinct files (their bytes differ), from a few random tiles
+        image = np.roll(tiles[i % 64], i // 64, axis=1)
+        Image.fromarray(image).save(folder / f"{i:04d}.jpg", quality=90)
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        from pathlib import Path
+        from sklearn_difffeat import DiTFeatureExtractor
+        model, folder, n, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        paths = sorted(str(p) for p in Path(folder).glob("*.jpg"))[:n]
+        ext = DiTFeatureExtractor(model, block=1, timestep=10, batch_size=32, num_workers=workers).fit(None)
+        X = ext.transform(paths)
+        assert X.shape[0] == n
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """
+    )
+
+    def peak_mb(n, workers):
+        done = subprocess.run([sys.executable, "-c", script, str(model), str(folder), str(n), str(workers)],
+                              check=True, capture_output=True, text=True)
+        return int(done.stdout.split()[-1])
+
+    for workers in (0, 2):
+        small, large = peak_mb(400, workers), peak_mb(4000, workers)
+        assert large - small < 300, (workers, small, large)
+
+
+def test_sixteen_bit_and_float_images_are_scaled_or_refused(tiny_dit_dir, tmp_path):
+    rng = np.random.default_rng(1)
+    eight = rng.integers(0, 256, size=(16, 16), dtype=np.uint8)
+    sixteen = eight.astype(np.uint16) * 257  # the same picture at 16 bits
+    Image.fromarray(sixteen).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    Image.fromarray(eight.astype(np.float32) / 255).save(tmp_path / "unit.tiff")
+    Image.fromarray(eight.astype(np.float32)).save(tmp_path / "raw.tiff")  # 0..255 as floats: ambiguous
+    expected = np.repeat(eight[..., None], 3, axis=-1)
+    for name in ("deep.png", "unit.tiff"):
+        np.testing.assert_array_equal(_images.to_uint8_images([str(tmp_path / name)], 16)[0], expected)
+    with pytest.raises(ValueError, match=r"Image 0: a floating-point image \(mode F\) must hold values in \[0, 1\]"):
+        _images.to_uint8_images([str(tmp_path / "raw.tiff")], 16)
+    Image.fromarray(np.full((16, 16), 70000, dtype=np.int32)).save(tmp_path / "wide.tiff")
+    with pytest.raises(ValueError, match="Image 1: 32-bit integer images"):
+        ext_for(tiny_dit_dir).transform([str(tmp_path / "deep.png"), str(tmp_path / "wide.tiff")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_says_so(tiny_dit_dir):
+    with pytest.raises(ValueError, match="PyTorch sees no CUDA device"):
+        DiTFeatureExtractor(str(tiny_dit_dir), device="cuda").fit(None)
+
+
+def test_bad_cache_parameters_are_named(tiny_dit_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="cache='' is not a folder"):
+        DiTFeatureExtractor(str(tiny_dit_dir), cache="").fit(None)
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+    with pytest.raises(ValueError, match="cache_depth=99 is out of range for a model with 5 blocks"):
+        DiTFeatureExtractor(str(tiny_dit_dir), block=1, cache=str(tmp_path / "s"), cache_depth=99).fit(None)
+
+
+def test_text_store_and_duplicates(tmp_path):
+    texts = ["a red shirt", "blue trousers and a bag", "a red shirt", "sandals"]
+    params = dict(block=[1, -1], timestep=[0.0, 0.5], cache=str(tmp_path))
+    first = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", **params).fit(None)
+    calls = []
+    first._backbone().module.vocab_embed.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    out = first.transform(texts)
+    assert sum(calls) == 3 * 2  # three distinct texts, two timesteps
+    np.testing.assert_array_equal(out[0], out[2])
+    calls.clear()
+    again = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", num_workers=0, **params).fit(None)
+    np.testing.assert_array_equal(again.transform(texts[::-1]), out[::-1])
+    assert calls == []
+    plain = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", block=[1, -1], timestep=[0.0, 0.5]).fit(None)
+    np.testing.assert_allclose(plain.transform(texts), out, atol=1e-5)
+    assert os.path.isdir(tmp_path) and FeatureStore(tmp_path).namespaces()
