@@ -1,11 +1,11 @@
-"""Command line: ``python -m sklearn_difffeat demo``."""
+"""Command line: ``sklearn-difffeat demo`` and ``sklearn-difffeat extract`` (also ``python -m sklearn_difffeat``)."""
 
 import argparse
 import sys
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sklearn_difffeat", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sklearn-difffeat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run Diff-Feat end to end on the embedded data and models (offline, CPU)")
     demo.add_argument("--n-train", type=int, default=1000)
@@ -13,7 +13,12 @@ def main(argv=None):
     demo.add_argument("--cv", type=int, default=3)
     demo.add_argument("--output", default="demo_output", help="folder for the model, heatmap, summary and cache")
     demo.add_argument("--quiet", action="store_true")
+    from . import _extract_cli
+
+    _extract_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "extract":
+        return _extract_cli.run(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -1,0 +1,176 @@
+"""``sklearn-difffeat extract``: sharded extraction into a feature store from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class CommandError(Exception):
+    """A problem with the command's arguments or inputs, reported as one line."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="extract diffusion features of many images or texts into a feature store (resumable, Dask-ready)",
+        description="Extract the features of many inputs into a feature store, shard by shard. Samples already "
+                    "in the store are skipped, so an interrupted run resumes where it stopped. Unreadable files "
+                    "are listed in a failures file and do not stop the run.",
+    )
+    p.add_argument("--model", required=True,
+                   help="hub id (facebook/DiT-XL-2-256, kuleshov-group/mdlm-owt), model folder, or embedded:NAME")
+    p.add_argument("--input", required=True, type=Path,
+                   help="a folder of images (searched recursively), a .txt list of image paths (one per line), or "
+                        "a .csv / .parquet table (see --image-column, --text-column)")
+    p.add_argument("--store", required=True, type=Path, help="feature store folder (created if missing)")
+    p.add_argument("--block", type=int, nargs="+", default=None,
+                   help="block(s) to extract; 0 = embedding, k = output of block k, -1 = last "
+                        "(default: 12 for images, -1 for text)")
+    p.add_argument("--timestep", type=float, nargs="+", default=None,
+                   help="timestep(s): the integer DDPM step for images (default 100), the mask probability in "
+                        "[0, 1] for text (default 0)")
+    p.add_argument("--text-column", help="extract text features from this column of a .csv / .parquet table")
+    p.add_argument("--image-column", default="image",
+                   help="column of image paths in a .csv / .parquet table (default: image); relative paths are "
+                        "read from the table's folder")
+    p.add_argument("--batch-size", type=int, default=64, help="maximum batch on the device (default: 64)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decoding processes per extraction (default: all cores but one, at most 16)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute precision (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--pooling", default="mean", help="token pooling: mean, max, none (images), first (text)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (images; worth it on a GPU)")
+    p.add_argument("--cache-depth", type=int, default=None,
+                   help="also store every block up to this one from the same passes (for later searches)")
+    p.add_argument("--shard-size", type=int, default=2048, help="samples per task (default: 2048)")
+    cluster = p.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    cluster.add_argument("--local-gpus", type=int, metavar="N",
+                         help="start a local Dask cluster with one worker per GPU (needs dask-cuda)")
+    cluster.add_argument("--local-workers", type=int, metavar="N",
+                         help="start a local Dask cluster of N CPU worker processes")
+    p.add_argument("--failures", type=Path, default=None,
+                   help="where to list unreadable inputs, one per line with the reason "
+                        "(default: <store>/failures-<time>.tsv, written only when something failed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar; the summary is still printed")
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except CommandError as exc:
+        print(f"sklearn-difffeat extract: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, TypeError, ImportError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"sklearn-difffeat extract: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    inputs, is_text = read_inputs(args.input, args.text_column, args.image_column)
+    extractor = _extractor(args, is_text)
+    client, cluster = _client(args)
+    from .extraction import extract
+
+    try:
+        started = time.perf_counter()
+        result = extract(extractor, inputs, args.store, client=client, shard_size=args.shard_size,
+                         progress=not args.quiet)
+        seconds = time.perf_counter() - started
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    print(f"{result.summary()} in {seconds:.1f} s; store: {args.store}")
+    if result.failed:
+        path = args.failures or args.store / f"failures-{time.strftime('%Y%m%d-%H%M%S')}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as handle:
+            for position, reason in sorted(result.failed.items()):
+                handle.write(f"{inputs[position]}\t{reason}\n")
+        print(f"{len(result.failed)} unreadable inputs are listed in {path}")
+    return 0
+
+
+def read_inputs(path: Path, text_column: str | None, image_column: str) -> tuple[list, bool]:
+    """The samples named by ``--input``: (list of paths or texts, whether they are texts)."""
+    if not path.exists():
+        raise CommandError(f"--input {path} does not exist")
+    if path.is_dir():
+        if text_column:
+            raise CommandError("--text-column needs a .csv or .parquet table as --input, not a folder")
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise CommandError(f"--input {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files, False
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        table = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        column = text_column or image_column
+        if column not in table.columns:
+            raise CommandError(f"{path} has no column {column!r}; its columns are {list(table.columns)}")
+        values = table[column].tolist()
+        if text_column:
+            return values, True
+        return [str(v) if os.path.isabs(str(v)) else str(path.parent / str(v)) for v in values], False
+    if text_column:
+        raise CommandError("--text-column needs a .csv or .parquet table as --input")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise CommandError(f"--input {path} lists no files")
+    return [line if os.path.isabs(line) else str(path.parent / line) for line in lines], False
+
+
+def _extractor(args, is_text: bool):
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, dtype=args.dtype,
+                  pooling=args.pooling, cache=str(args.store), cache_depth=args.cache_depth)
+    if is_text:
+        from .extractors.text import TextDiffusionFeatureExtractor
+
+        timesteps = [0.0] if args.timestep is None else args.timestep
+        return TextDiffusionFeatureExtractor(args.model, block=args.block or [-1], timestep=timesteps, **common)
+    from .extractors.image import DiTFeatureExtractor
+
+    timesteps = [100] if args.timestep is None else args.timestep
+    steps = [int(t) for t in timesteps]
+    if steps != timesteps:
+        raise CommandError(f"image timesteps are integer DDPM steps; got {args.timestep}")
+    return DiTFeatureExtractor(args.model, block=args.block or [12], timestep=steps, compile=args.compile, **common)
+
+
+def _client(args):
+    if not (args.scheduler or args.local_gpus or args.local_workers):
+        return None, None
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise CommandError("Dask is not installed: pip install 'sklearn-difffeat[dask]'") from exc
+    if args.scheduler:
+        return Client(args.scheduler), None
+    if args.local_gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            raise CommandError("--local-gpus needs dask-cuda (pip install dask-cuda), or start one `dask worker` "
+                               "per GPU with CUDA_VISIBLE_DEVICES and pass --scheduler") from exc
+        cluster = LocalCUDACluster(n_workers=args.local_gpus, threads_per_worker=1)
+    else:
+        cluster = LocalCluster(n_workers=args.local_workers, threads_per_worker=1, processes=True)
+    return Client(cluster), cluster
+
+
+def main_parser() -> argparse.ArgumentParser:  # for `sklearn-difffeat extract --help` in the docs
+    parser = argparse.ArgumentParser(prog="sklearn-difffeat")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
