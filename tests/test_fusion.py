@@ -1,4 +1,8 @@
-"""FusionClassifier: accuracy against sklearn baselines, sklearn contract, modalities, persistence, errors."""
+"""FusionClassifier: accuracy against sklearn baselines, sklearn contract, modalities, persistence, errors,
+the fused representation and the training guards."""
+
+import math
+import warnings
 
 import joblib
 import numpy as np
@@ -46,7 +50,7 @@ def yeast():
 
 
 def small(**kw):
-    params = dict(projection_dim=32, lr=3e-3, max_epochs=15, early_stopping=None, batch_size=64)
+    params = dict(projection_dim=32, lr=3e-3, max_epochs=15, batch_size=64)
     params.update(kw)
     return FusionClassifier(**params)
 
@@ -58,8 +62,8 @@ def test_yeast_two_modalities_matches_one_vs_rest_logistic_regression(yeast):
     for tr, te in folds:
         lr = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=1000)))
         ref.append(average_precision_score(Y[te], lr.fit(X[tr], Y[tr]).predict_proba(X[te]), average="macro"))
-        # a narrow projection keeps the test fast; the benchmark runs the paper's 2048
-        clf = FusionClassifier(modalities=[50, 53], projection_dim=64, lr=3e-3, batch_size=256)
+        # a narrow projection and a short schedule keep the test fast; the benchmark runs the defaults
+        clf = FusionClassifier(modalities=[50, 53], projection_dim=64, max_epochs=30)
         ours.append(average_precision_score(Y[te], clf.fit(X[tr], Y[tr]).predict_proba(X[te]), average="macro"))
     assert len(clf.modalities_) == 2
     assert np.mean(ours) >= np.mean(ref) - 0.01, (np.mean(ours), np.mean(ref))
@@ -245,3 +249,68 @@ def test_fit_leaves_torch_global_rng_alone():
     torch.manual_seed(123)
     small(max_epochs=2).fit(X, y)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_fuse_is_the_sum_of_the_standardised_projections(frame_model):
+    clf, Z, _ = frame_model
+    X = Z.to_numpy(np.float64)
+    Xs = (X - X.mean(axis=0)) / X.std(axis=0)  # numpy's population std, as the standardisation uses
+    module = clf.net_.module_
+    weights = [(p.weight.detach().double().numpy(), p.bias.detach().double().numpy()) for p in module.projections]
+    image, text = Xs[:, :4], Xs[:, 4:]
+    expected = image @ weights[0][0].T + weights[0][1] + text @ weights[1][0].T + weights[1][1]
+    fused = clf.fuse(Z)
+    assert fused.shape == (50, clf.projection_dim) and fused.dtype == np.float32
+    np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+    # the head is linear on the fused vector: its affine map gives the decision function
+    head_w, head_b = module.head.weight.detach().double().numpy(), module.head.bias.detach().double().numpy()
+    np.testing.assert_allclose(clf.decision_function(Z), fused @ head_w.T + head_b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="column order of X differs from fit"):
+        clf.fuse(Z[Z.columns[::-1]])
+
+
+def test_fuse_before_fit_raises():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        FusionClassifier().fuse(np.zeros((2, 3)))
+
+
+def test_diverging_training_raises_naming_epoch_batch_and_cause(yeast):
+    X, Y = yeast[0][::8], yeast[1][::8]  # every 8th row: every label occurs
+    with pytest.raises(
+        FloatingPointError, match=r"epoch \d+, batch \d+\. The learning rate \(lr=1e\+06\) is likely too high"
+    ):
+        small(lr=1e6).fit(X, Y)
+
+
+def test_constant_label_column_warns_once_naming_it(yeast):
+    X, Y = yeast[0][::8], yeast[1][::8].copy()
+    Y[:, 3] = 0
+    Y[:, 5] = 1
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        small(max_epochs=1).fit(X, Y)
+    constant = [str(w.message) for w in record if "constant in the training data" in str(w.message)]
+    assert len(constant) == 1 and "2 label column(s)" in constant[0] and "3 (all 0), 5 (all 1)." in constant[0]
+
+
+def test_learning_rate_follows_a_cosine_to_zero(yeast):
+    X, Y = yeast[0][::8], yeast[1][::8]
+    clf = small(lr=0.01, max_epochs=8).fit(X, Y)
+    lrs = clf.net_.history[:, "event_lr"]
+    np.testing.assert_allclose(lrs, [0.005 * (1 + math.cos(math.pi * e / 8)) for e in range(8)], rtol=1e-6)
+
+
+def test_auto_early_stopping_holds_out_validation_only_on_large_data():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(10_000, 6)).astype(np.float32)
+    Y = (X[:, :3] + rng.normal(size=(10_000, 3)) > 0).astype(int)
+    fast = dict(projection_dim=4, max_epochs=3, batch_size=2000)
+    large = FusionClassifier(**fast).fit(X, Y)
+    assert "valid_loss" in large.net_.history[-1]
+    assert large.net_.history[0, "train_batch_count"] == 5  # 9,000 training rows in batches of 2,000
+    small_data = FusionClassifier(**fast).fit(X[:9_999], Y[:9_999])
+    assert "valid_loss" not in small_data.net_.history[-1] and small_data.n_epochs_ == 3
+    assert small_data.net_.history[0, "train_batch_count"] == 5  # all 9,999 rows train
+    assert FusionClassifier(**fast, early_stopping=None).fit(X, Y).n_epochs_ == 3
