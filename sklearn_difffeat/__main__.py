@@ -11,8 +11,12 @@ def main(argv=None):
     demo.add_argument("--n-train", type=int, default=1000)
     demo.add_argument("--n-test", type=int, default=500)
     demo.add_argument("--cv", type=int, default=3)
-    demo.add_argument("--output", default="demo_output", help="folder for the model, heatmap, summary and cache")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--output", default="demo_output", help="folder for the model, figures, summary and cache")
+    talk = demo.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", action="store_true", help="print only the results: no progress, no notices")
+    talk.add_argument(
+        "--verbose", action="store_true", help="also the extractors' progress bars and the search's per-step lines"
+    )
     from . import _extract_cli
 
     _extract_cli.add_parser(sub)
@@ -22,9 +26,8 @@ def main(argv=None):
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(
-            n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=0 if args.quiet else 1
-        )
+        verbose = 0 if args.quiet else 2 if args.verbose else 1
+        run_demo(n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=verbose)
     return 0
 
 

@@ -3,7 +3,8 @@
 ``python -m sklearn_difffeat demo`` loads the Fashion-MNIST mosaics, builds the pipeline
 (ColumnTransformer of the two extractors -> FusionClassifier), runs BlockTimestepSearchCV over the image and
 text (block, timestep) axes, scores image-only, text-only and fused models on the held-out split, saves and
-reloads the fitted pipeline, and draws a heatmap of the image branch's score over (block, timestep).
+reloads the fitted pipeline, and draws two figures: a heatmap of the image branch's score over (block,
+timestep), and a t-SNE of the held-out image, text and fused features.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import numpy as np
 
 IMAGE_MODEL = "embedded:fashion-dit"
 TEXT_MODEL = "embedded:fashion-mdlm"
-IMAGE_TIMESTEPS = [0, 50, 100, 200, 300, 500, 700, 900]
-TEXT_TIMESTEPS = [0.0, 0.15, 0.3, 0.5, 0.7]
+IMAGE_TIMESTEPS = (0, 50, 100, 200, 300, 500, 700, 900)
+TEXT_TIMESTEPS = (0.0, 0.15, 0.3, 0.5, 0.7)
+HEATMAP_FILE = "image_block_timestep_map.png"
+TSNE_FILE = "tsne_image_text_fused.png"
 
 
-def build_pipeline(cache, image=True, text=True, projection_dim=2048, max_epochs=60, verbose=0):
-    """ColumnTransformer of the extractors (either or both) -> FusionClassifier."""
+def build_pipeline(cache, image=True, text=True, fusion_params=None, verbose=0):
+    """ColumnTransformer of the extractors (either or both) -> FusionClassifier.
+
+    The fusion head keeps the library's defaults (seeded) unless ``fusion_params`` overrides some of them.
+    """
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
 
@@ -51,20 +57,18 @@ def build_pipeline(cache, image=True, text=True, projection_dim=2048, max_epochs
             )
         )
     features = ColumnTransformer(branches).set_output(transform="pandas")
-    clf = FusionClassifier(
-        projection_dim=projection_dim, max_epochs=max_epochs, lr=1e-3, early_stopping=8, random_state=0
-    )
+    clf = FusionClassifier(**{"random_state": 0, **(fusion_params or {})})
     return Pipeline([("features", features), ("clf", clf)])
 
 
-def _axes(image=True, text=True, image_blocks=None, text_blocks=None):
+def _axes(image_blocks=None, text_blocks=None, image_timesteps=IMAGE_TIMESTEPS, text_timesteps=TEXT_TIMESTEPS):
     axes = {}
-    if image:
+    if image_blocks is not None:
         axes["features__image__block"] = list(image_blocks)
-        axes["features__image__timestep"] = IMAGE_TIMESTEPS
-    if text:
+        axes["features__image__timestep"] = list(image_timesteps)
+    if text_blocks is not None:
         axes["features__text__block"] = list(text_blocks)
-        axes["features__text__timestep"] = TEXT_TIMESTEPS
+        axes["features__text__timestep"] = list(text_timesteps)
     return axes
 
 
@@ -72,14 +76,62 @@ def _branch_params(params, branch):
     return {k: v for k, v in params.items() if k.startswith(f"features__{branch}__")}
 
 
-def run_demo(n_train=1000, n_test=500, output="demo_output", cv=3, verbose=1):
-    """Run the demo; return its summary dict (also written to ``output/summary.json``)."""
+def run_demo(
+    n_train=1000,
+    n_test=500,
+    output="demo_output",
+    cv=3,
+    verbose=1,
+    *,
+    image_timesteps=IMAGE_TIMESTEPS,
+    text_timesteps=TEXT_TIMESTEPS,
+    max_evaluations=None,
+    fusion_params=None,
+    cache=None,
+):
+    """Run the demo; return its summary dict (also written to ``output/summary.json``).
+
+    Parameters
+    ----------
+    n_train, n_test : int, default=1000, 500
+        Mosaics in the training and held-out splits.
+    output : str or Path, default="demo_output"
+        Folder for the fitted pipeline, the two figures, the summary and (unless ``cache`` is given) the
+        feature cache.
+    cv : int, default=3
+        Folds of the search's and the heatmap grid's cross-validation.
+    verbose : int, default=1
+        0: only the results (the table, the files written). 1: also what the demo is doing and one progress
+        bar for the search. 2: also the extractors' progress bars, the search's line per step and
+        scikit-learn's messages.
+    image_timesteps, text_timesteps : sequence, default=IMAGE_TIMESTEPS, TEXT_TIMESTEPS
+        The timestep axes of the search (and of the heatmap); the block axes are every block of each model.
+    max_evaluations : int or None, default=None
+        Passed to BlockTimestepSearchCV; None lets the search run to its local optimum.
+    fusion_params : dict or None, default=None
+        FusionClassifier parameters that replace the library's defaults.
+    cache : str, Path or None, default=None
+        Feature cache folder; None is ``output/cache``.
+    """
     with warnings.catch_warnings():
-        return _run_demo(n_train, n_test, output, cv, verbose)
+        return _run_demo(
+            n_train, n_test, Path(output), cv, verbose, list(image_timesteps), list(text_timesteps),
+            max_evaluations, fusion_params, str(cache if cache is not None else Path(output) / "cache"),
+        )
 
 
-def _run_demo(n_train, n_test, output, cv, verbose):
-    from sklearn.base import clone
+def _truncated_captions(backbone, texts):
+    """How many texts the text model will truncate (more tokens than its positions)."""
+    if backbone.max_length is None:
+        return 0
+    # verbose=False: only the lengths are wanted here; otherwise transformers logs its own "sequence length is
+    # longer than the specified maximum" warning for the first long text, ahead of the demo's own notice.
+    ids = backbone.tokenizer(list(texts), verbose=False)["input_ids"]
+    return sum(len(i) > backbone.max_length for i in ids)
+
+
+def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timesteps, max_evaluations,
+              fusion_params, cache):
     from sklearn.model_selection import GridSearchCV, KFold
 
     from . import BlockTimestepSearchCV, DiTFeatureExtractor, TextDiffusionFeatureExtractor
@@ -87,53 +139,58 @@ def _run_demo(n_train, n_test, output, cv, verbose):
     from .metrics import map_scorer, multilabel_report
 
     start_time = time.perf_counter()
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    cache = str(output / "cache")
-    say = print if verbose else (lambda *a, **k: None)
+    say = print if verbose >= 1 else (lambda *a, **k: None)  # what the demo is doing; results always print
+    extractor_verbose = 1 if verbose >= 2 else 0  # their bars, one per fold and candidate, only on request
 
     train = load_fashion_mosaics(n_train, split="train", random_state=0)
     test = load_fashion_mosaics(n_test, split="test", random_state=0)
     say(f"data: {n_train} train / {n_test} test mosaics of real Fashion-MNIST items, {len(train.label_names)} labels")
     # Loaded through the extractors' process-wide registry, so the pipelines below reuse these weights.
-    image_blocks = range(1, DiTFeatureExtractor(IMAGE_MODEL)._backbone().num_blocks + 1)
+    image_blocks = list(range(1, DiTFeatureExtractor(IMAGE_MODEL)._backbone().num_blocks + 1))
     text_backbone = TextDiffusionFeatureExtractor(TEXT_MODEL)._backbone()
-    text_blocks = range(1, text_backbone.num_blocks + 1)
-    lengths = [
-        len(ids) for ids in text_backbone.tokenizer(list(train.data["text"]) + list(test.data["text"]))["input_ids"]
-    ]
-    too_long = sum(n > text_backbone.max_length for n in lengths)
+    text_blocks = list(range(1, text_backbone.num_blocks + 1))
+    captions = list(train.data["text"]) + list(test.data["text"])
+    too_long = _truncated_captions(text_backbone, captions)
     if too_long:
-        # Said once here: the extractor warns on every transform, i.e. for every candidate and fold.
         say(
-            f"{too_long} of {len(lengths)} captions exceed the text model's {text_backbone.max_length} tokens "
+            f"{too_long} of {len(captions)} captions exceed the text model's {text_backbone.max_length} tokens "
             "and are truncated"
         )
-        warnings.filterwarnings("ignore", message=r".*texts are longer than max_length")
+    # Said once above: the extractor warns on every transform, i.e. for every candidate and fold.
+    warnings.filterwarnings("ignore", message=r".*texts are longer than max_length")
 
     folds = KFold(cv, shuffle=True, random_state=0)
-    axes = _axes(image_blocks=image_blocks, text_blocks=text_blocks)
+    axes = _axes(image_blocks, text_blocks, image_timesteps, text_timesteps)
     grid_size = int(np.prod([len(v) for v in axes.values()]))
     say(
         f"local search over {' x '.join(str(len(v)) for v in axes.values())} = {grid_size} (block, timestep) "
         f"combinations, {cv}-fold CV mAP ..."
     )
     search = BlockTimestepSearchCV(
-        build_pipeline(cache, verbose=verbose), axes, cv=folds, scoring=map_scorer, random_state=0, verbose=verbose
+        build_pipeline(cache, fusion_params=fusion_params, verbose=extractor_verbose),
+        axes,
+        cv=folds,
+        scoring=map_scorer,
+        random_state=0,
+        max_evaluations=max_evaluations,
+        verbose=verbose,  # 1: the one bar; 2: a line per step and scikit-learn's messages
     )
     search.fit(train.data, train.Y)
     best = search.best_params_
     say(f"  {search.n_evaluations_} evaluations ({search.stopped_reason_}); best CV mAP {100 * search.best_score_:.1f}")
 
     # Held-out comparison at the chosen (block, timestep) of each branch.
+    say("held-out split: image only, text only and fused ...")
     rows = {}
     models = {
-        "image only": clone(build_pipeline(cache, text=False)).set_params(**_branch_params(best, "image")),
-        "text only": clone(build_pipeline(cache, image=False)).set_params(**_branch_params(best, "text")),
+        "image only": build_pipeline(cache, text=False, fusion_params=fusion_params, verbose=extractor_verbose),
+        "text only": build_pipeline(cache, image=False, fusion_params=fusion_params, verbose=extractor_verbose),
         "fused": search.best_estimator_,
     }
     for name, model in models.items():
         if name != "fused":
+            model.set_params(**_branch_params(best, name.split()[0]))
             model.fit(train.data, train.Y)
         rows[name] = multilabel_report(test.Y, model.predict_proba(test.data))
 
@@ -145,17 +202,26 @@ def _run_demo(n_train, n_test, output, cv, verbose):
 
     # The image branch's whole (block, timestep) grid, for the heatmap: cheap, features come from the cache.
     say("image branch: full (block, timestep) grid for the heatmap ...")
-    image_axes = _axes(text=False, image_blocks=image_blocks)
-    grid = GridSearchCV(build_pipeline(cache, text=False), image_axes, cv=folds, scoring=map_scorer, refit=False)
+    grid = GridSearchCV(
+        build_pipeline(cache, text=False, fusion_params=fusion_params, verbose=extractor_verbose),
+        _axes(image_blocks, image_timesteps=image_timesteps),
+        cv=folds,
+        scoring=map_scorer,
+        refit=False,
+        verbose=1 if verbose >= 2 else 0,
+    )
     grid.fit(train.data, train.Y)
-    heat = np.full((len(image_blocks), len(IMAGE_TIMESTEPS)), np.nan)
+    heat = np.full((len(image_blocks), len(image_timesteps)), np.nan)
     for params, score in zip(grid.cv_results_["params"], grid.cv_results_["mean_test_score"]):
         heat[
-            list(image_blocks).index(params["features__image__block"]),
-            IMAGE_TIMESTEPS.index(params["features__image__timestep"]),
+            image_blocks.index(params["features__image__block"]),
+            image_timesteps.index(params["features__image__timestep"]),
         ] = score
     best_cell = np.unravel_index(np.nanargmax(heat), heat.shape)
-    figure = _heatmap(heat, list(image_blocks), search, output / "image_block_timestep_map.png")
+    heatmap = _heatmap(heat, image_blocks, image_timesteps, search, output / HEATMAP_FILE)
+
+    say("t-SNE of the held-out features ...")
+    tsne, colouring = _tsne(search.best_estimator_, test, best, output / TSNE_FILE)
 
     elapsed = time.perf_counter() - start_time
     summary = {
@@ -167,59 +233,68 @@ def _run_demo(n_train, n_test, output, cv, verbose):
         "grid_size": grid_size,
         "stopped": search.stopped_reason_,
         "image_grid_best": {
-            "block": int(list(image_blocks)[best_cell[0]]),
-            "timestep": IMAGE_TIMESTEPS[best_cell[1]],
+            "block": int(image_blocks[best_cell[0]]),
+            "timestep": image_timesteps[best_cell[1]],
             "cv_map": float(heat[best_cell]),
         },
         "held_out": rows,
         "reload_identical": identical,
+        "figures": {"heatmap": str(heatmap), "tsne": str(tsne)},
+        "tsne_colouring": colouring,
         "seconds": elapsed,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    _print_table(summary, figure, model_path, say)
+    _print_table(summary, model_path)
     if not identical:
         raise RuntimeError("The reloaded pipeline's predictions differ from the fitted one's.")
     return summary
 
 
-def _print_table(summary, figure, model_path, say):
+def _print_table(summary, model_path):
     chosen = summary["chosen"]
-    say("")
-    say("Diff-Feat on Fashion-MNIST mosaics (held-out test split, threshold 0.5)")
-    say(f"{'model':<12} {'branch choice':<26} {'mAP':>6} {'CF1':>6} {'OF1':>6}")
+    print("")
+    print("Diff-Feat on Fashion-MNIST mosaics (held-out test split, threshold 0.5)")
+    print(f"{'model':<12} {'branch choice':<26} {'mAP':>6} {'CF1':>6} {'OF1':>6}")
     choice = {
         "image only": f"block {chosen['image__block']}, t={chosen['image__timestep']}",
         "text only": f"block {chosen['text__block']}, t={chosen['text__timestep']:g}",
         "fused": "both of the above",
     }
     for name, report in summary["held_out"].items():
-        say(
+        print(
             f"{name:<12} {choice[name]:<26} {100 * report['mAP']:6.1f} {100 * report['CF1']:6.1f} "
             f"{100 * report['OF1']:6.1f}"
         )
-    say(
+    print(
         f"local search: {summary['evaluations']} evaluations of {summary['grid_size']} grid points "
         f"({100 * summary['evaluations'] / summary['grid_size']:.1f}%), "
         f"stopped at a {summary['stopped'].replace('_', ' ')}"
     )
     g = summary["image_grid_best"]
-    say(
+    print(
         f"image grid optimum (for the heatmap, image only): block {g['block']}, t={g['timestep']}, "
         f"CV mAP {100 * g['cv_map']:.1f}"
     )
-    say(f"saved {model_path}; reloaded predictions identical: {summary['reload_identical']}")
-    say(f"heatmap: {figure}; summary: {Path(model_path).parent / 'summary.json'}; {summary['seconds']:.0f} s")
+    print(f"saved {model_path}; reloaded predictions identical: {summary['reload_identical']}")
+    figures = summary["figures"]
+    print(f"figures: {figures['heatmap']}, {figures['tsne']}")
+    print(f"summary: {Path(model_path).parent / 'summary.json'}; {summary['seconds']:.0f} s")
 
 
-def _heatmap(heat, blocks, search, path):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _heatmap(heat, blocks, timesteps, search, path):
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     image = ax.imshow(100 * heat, aspect="auto", origin="lower", cmap="viridis")
-    ax.set_xticks(range(len(IMAGE_TIMESTEPS)), [str(t) for t in IMAGE_TIMESTEPS])
+    ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps])
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
     ax.set_xlabel("diffusion timestep t")
     ax.set_ylabel("DiT block")
@@ -239,7 +314,7 @@ def _heatmap(heat, blocks, search, path):
     # Where the joint local search went (its image coordinates), start to end.
     path_points = [
         (
-            IMAGE_TIMESTEPS.index(p["params"]["features__image__timestep"]),
+            timesteps.index(p["params"]["features__image__timestep"]),
             blocks.index(p["params"]["features__image__block"]),
         )
         for p in search.search_path_
@@ -253,3 +328,66 @@ def _heatmap(heat, blocks, search, path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _tsne(model, test, best, path):
+    """Three t-SNE panels of the held-out samples: image features, text features, fused representation.
+
+    A mosaic holds one to four items, so a sample has no single class to colour it by. Mosaics whose items are
+    all of one class are coloured by that class; mosaics with items of several classes are drawn in grey,
+    behind. Returns the counts of each kind.
+    """
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    features = model["features"].transform(test.data)  # columns "image__..." and "text__..."
+    image = features.filter(regex=r"^image__").to_numpy()
+    text = features.filter(regex=r"^text__").to_numpy()
+    fused = model["clf"].fuse(features)
+    n = len(features)
+    # t-SNE needs perplexity < n; 30 is its usual value, kept for samples large enough to allow it.
+    perplexity = min(30.0, (n - 1) / 3)
+    clf = model["clf"]
+
+    def embed(Z):
+        # One OpenMP thread: the Barnes-Hut gradient of a few hundred points is too small to gain from more, and
+        # on busy cores each of its 1000 iterations waits at thread barriers (500 points on 2 shared cores: 45 s
+        # with 2 threads, 6 s with 1).
+        with threadpool_limits(1, user_api="openmp"):
+            return TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(Z)
+
+    # The image and text features are standardised as the fusion head standardises them before projecting;
+    # the fused vectors are taken as the head sees them.
+    panels = [
+        (f"image features (DiT block {best['features__image__block']}, t={best['features__image__timestep']})",
+         embed(StandardScaler().fit_transform(image))),
+        (f"text features (block {best['features__text__block']}, t={best['features__text__timestep']:g})",
+         embed(StandardScaler().fit_transform(text))),
+        (f"fused representation ({clf.projection_dim}-d sum of projections)", embed(fused)),
+    ]
+    Y = np.asarray(test.Y)
+    single = Y.sum(axis=1) == 1
+    label = Y.argmax(axis=1)
+    plt = _pyplot()
+    colours = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
+    for ax, (title, xy) in zip(axes, panels):
+        ax.scatter(*xy[~single].T, s=6, color="0.75", linewidths=0, label="several classes")
+        for k, name in enumerate(test.label_names):
+            ax.scatter(*xy[single & (label == k)].T, s=12, color=colours[k % len(colours)], linewidths=0,
+                       label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False, markerscale=1.5)
+    fig.suptitle(
+        f"t-SNE of {n} held-out mosaics. Colour: the class of the {int(single.sum())} mosaics whose items are all "
+        f"of one class; grey: the {int((~single).sum())} with several classes",
+        fontsize=10,
+    )
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.13, wspace=0.04)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path, {"single_class": int(single.sum()), "several_classes": int((~single).sum())}
