@@ -1,14 +1,19 @@
 """The embedded models through the public API, and the end-to-end demo on a small sample."""
 
+import functools
 import json
+import re
 
+import joblib
 import numpy as np
 import pytest
+from PIL import Image
 
 from sklearn_difffeat import DiTFeatureExtractor, TextDiffusionFeatureExtractor
 from sklearn_difffeat.backbones._hub import EMBEDDED_DIR, embedded_models
 from sklearn_difffeat.datasets import load_fashion_mosaics
 from sklearn_difffeat.extractors import _base
+from sklearn_difffeat.metrics import multilabel_report
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +44,121 @@ def test_unknown_embedded_name_lists_the_available_ones():
         DiTFeatureExtractor("embedded:nope").fit(None)
 
 
-def test_demo_end_to_end_on_a_small_sample(tmp_path):
-    from sklearn_difffeat.demo import run_demo
+# A small sample and a small grid, so the whole demo runs in seconds: 2 timesteps per modality (every block of each
+# model), 3 candidates, a 32-wide head trained for 5 epochs. 60 training mosaics leave every label present in each
+# 30-row training fold.
+SMALL = dict(
+    image_timesteps=(0, 500), text_timesteps=(0.0, 0.5), max_evaluations=3,
+    fusion_params=dict(projection_dim=32, max_epochs=5),
+)
+SIZE = ["--n-train", "60", "--n-test", "30", "--cv", "2"]
+ROWS = ("image only", "text only", "fused")
 
-    summary = run_demo(n_train=90, n_test=40, output=tmp_path, cv=2, verbose=0)
-    assert summary["reload_identical"]
-    assert 1 <= summary["evaluations"] < summary["grid_size"]
-    assert set(summary["held_out"]) == {"image only", "text only", "fused"}
-    for report in summary["held_out"].values():
-        assert 0 <= report["mAP"] <= 1 and 0 <= report["CF1"] <= 1 and 0 <= report["OF1"] <= 1
-    assert (tmp_path / "image_block_timestep_map.png").stat().st_size > 10_000
-    assert json.loads((tmp_path / "summary.json").read_text())["evaluations"] == summary["evaluations"]
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """One feature cache for the demo runs of this module: the first run extracts, later runs read it."""
+    return tmp_path_factory.mktemp("demo_cache")
+
+
+def _demo(monkeypatch, cache, *argv):
+    """``python -m sklearn_difffeat demo ARGV`` on the small grid; the command line's own options pass through."""
+    from sklearn_difffeat import __main__, demo
+
+    monkeypatch.setattr(demo, "run_demo", functools.partial(demo.run_demo, **SMALL, cache=cache))
+    assert __main__.main(["demo", *argv]) == 0
+
+
+def _table(out):
+    """{row: (mAP, CF1, OF1)} as printed, in percent."""
+    rows = {}
+    for line in out.splitlines():
+        for name in ROWS:
+            if line.startswith(name + " "):
+                rows[name] = tuple(float(v) for v in line.split()[-3:])
+    return rows
+
+
+def _bars(err):
+    """The descriptions of the tqdm bars drawn on stderr."""
+    return {m.group(1) for m in re.finditer(r"(?:^|[\r\n])([A-Za-z]\w*): +\d+%\|", err)}
+
+
+def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_cache):
+    _demo(monkeypatch, demo_cache, *SIZE, "--output", str(tmp_path))
+    out, err = capfd.readouterr()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+
+    # The table: its three rows, with the numbers of the summary file.
+    printed = _table(out)
+    assert set(printed) == set(ROWS) == set(summary["held_out"])
+    for name, values in printed.items():
+        report = summary["held_out"][name]
+        np.testing.assert_allclose(values, [100 * report[k] for k in ("mAP", "CF1", "OF1")], atol=0.05 + 1e-9)
+    # The grid holds every block of the two models at the small grid's timesteps.
+    n_image = DiTFeatureExtractor("embedded:fashion-dit", block=-1).fit(None).n_blocks_
+    n_text = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", block=-1).fit(None).n_blocks_
+    assert summary["grid_size"] == n_image * 2 * n_text * 2
+    assert 1 <= summary["evaluations"] <= 3
+    assert f"local search: {summary['evaluations']} evaluations of {summary['grid_size']} grid points" in out
+    assert f"reloaded predictions identical: {summary['reload_identical']}" in out
+
+    # The saved pipeline predicts the held-out split as the table says, and as the same pipeline refitted here
+    # from the chosen parameters (training is seeded, so the two must agree exactly).
+    from sklearn_difffeat.demo import build_pipeline
+
+    test = load_fashion_mosaics(30, split="test", random_state=0)
+    train = load_fashion_mosaics(60, split="train", random_state=0)
+    reloaded = joblib.load(tmp_path / "diff_feat_pipeline.joblib")
+    proba = reloaded.predict_proba(test.data)
+    assert multilabel_report(test.Y, proba)["mAP"] == pytest.approx(summary["held_out"]["fused"]["mAP"])
+    chosen = {f"features__{k}": v for k, v in summary["chosen"].items()}
+    refit = build_pipeline(str(demo_cache), fusion_params=SMALL["fusion_params"]).set_params(**chosen)
+    np.testing.assert_array_equal(refit.fit(train.data, train.Y).predict_proba(test.data), proba)
+    assert summary["reload_identical"] is True
+
+    # The two figures: real PNGs at their documented sizes (7 x 5 in at 120 dpi, 12 x 4.6 in at 100 dpi).
+    for name, size in (("image_block_timestep_map.png", (840, 600)), ("tsne_image_text_fused.png", (1200, 460))):
+        with Image.open(tmp_path / name) as png:
+            assert png.format == "PNG" and png.size == size
+            png.verify()
+        assert f"{tmp_path / name}" in out
+    colouring = summary["tsne_colouring"]
+    assert colouring["single_class"] == int((test.Y.sum(axis=1) == 1).sum())
+    assert colouring["single_class"] + colouring["several_classes"] == 30
+
+    # What a newcomer sees by default: the steps, one bar (the search's), no scikit-learn or library chatter.
+    assert out.startswith("data: 60 train / 30 test mosaics")
+    assert _bars(err) == {"BlockTimestepSearchCV"}
+    assert "Fitting" not in out + err and "Warning" not in err
+
+
+def test_demo_quiet_prints_the_results_only_and_verbose_the_detail(tmp_path, monkeypatch, capfd, demo_cache):
+    _demo(monkeypatch, demo_cache, *SIZE, "--output", str(tmp_path / "quiet"), "--quiet")
+    out, err = capfd.readouterr()
+    assert out.startswith("\nDiff-Feat on Fashion-MNIST mosaics")  # the table first: no progress before it
+    assert set(_table(out)) == set(ROWS) and "reloaded predictions identical: True" in out
+    assert err == ""
+
+    # One held-out mosaic more than the cache holds, so the extractors have work to show a bar for.
+    size = [*SIZE[:2], "--n-test", "31", *SIZE[4:]]
+    _demo(monkeypatch, demo_cache, *size, "--output", str(tmp_path / "verbose"), "--verbose")
+    out, err = capfd.readouterr()
+    assert set(_table(out)) == set(ROWS)
+    assert {"DiTFeatureExtractor", "TextDiffusionFeatureExtractor"} <= _bars(err)
+    assert "BlockTimestepSearchCV" not in _bars(err)  # its per-step lines replace the bar
+    assert "[BlockTimestepSearchCV] step 1:" in out and "Fitting 2 folds for each of" in out
+
+
+def test_demo_counts_long_captions_without_the_tokenizers_warning(capfd):
+    from sklearn_difffeat.demo import _truncated_captions
+
+    # Held-out caption 183 (random_state=0) is the split's one caption over the text model's 64 tokens.
+    texts = load_fashion_mosaics(184, split="test", random_state=0).data["text"].tolist()[180:]
+    _base.clear_backbone_cache()  # a fresh tokenizer: transformers warns once per tokenizer
+    backbone = TextDiffusionFeatureExtractor("embedded:fashion-mdlm")._backbone()
+    capfd.readouterr()
+    assert _truncated_captions(backbone, texts) == 1
+    assert "sequence length is longer" not in "".join(capfd.readouterr())
+    backbone.tokenizer(texts)  # the same texts as transformers tokenizes them by default: it warns
+    assert "sequence length is longer" in "".join(capfd.readouterr())
