@@ -10,6 +10,8 @@ _EXPORTS = {
     "FusionClassifier": "sklearn_difffeat.fusion",
     "BlockTimestepSearchCV": "sklearn_difffeat.search",
     "FeatureStore": "sklearn_difffeat.store",
+    "extract": "sklearn_difffeat.extraction",
+    "ExtractionResult": "sklearn_difffeat.extraction",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -44,7 +44,7 @@ class PassCounter:
             h.remove()
 
 
-def build_tiny_dit_pipeline(folder, with_vae=True, seed=0, sample_size=8, patch_size=2):
+def build_tiny_dit_pipeline(folder, with_vae=True, seed=0, sample_size=8, patch_size=2, vae_channels=(4, 8)):
     """A DiT pipeline folder like facebook/DiT-XL-2-256 (transformer/, vae/, scheduler/), tiny and random."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
@@ -81,11 +81,12 @@ def build_tiny_dit_pipeline(folder, with_vae=True, seed=0, sample_size=8, patch_
             in_channels=3,
             out_channels=3,
             latent_channels=4,
-            block_out_channels=[4, 8],
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            norm_num_groups=2,
-            sample_size=16,
+            block_out_channels=list(vae_channels),
+            layers_per_block=1,
+            down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+            up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
+            norm_num_groups=min(2, *vae_channels),
+            sample_size=sample_size * 2 ** (len(vae_channels) - 1),
         )
         vae.save_pretrained(folder / "vae")
         index["vae"] = ["diffusers", "AutoencoderKL"]

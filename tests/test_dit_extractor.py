@@ -217,26 +217,31 @@ def test_column_transformer_on_dataframe(tiny_dit_dir, rgb_images):
     np.testing.assert_allclose(out.to_numpy(), direct, atol=1e-6)
 
 
-def test_input_kinds_agree(tiny_dit_dir, rgb_images, tmp_path):
-    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=100).fit(rgb_images)
-    reference = ext.transform(rgb_images)
+def _model_inputs(ext, X):
+    """The pixels (in [-1, 1]) the extractor hands the VAE for X, in input order."""
+    seen = []
+    handle = ext._backbone().vae.encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    features = ext.transform(X)
+    handle.remove()
+    return torch.cat(seen), features
+
+
+def test_input_kinds_reach_the_model_as_the_same_pixels(tiny_dit_dir, rgb_images, tmp_path):
+    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=100, num_workers=0).fit(rgb_images)
+    reference, features = _model_inputs(ext, rgb_images)
     pil = [Image.fromarray(a) for a in rgb_images]
     paths = []
     for i, image in enumerate(pil):
         paths.append(str(tmp_path / f"{i}.png"))
         image.save(paths[-1])
     floats = rgb_images.astype(np.float64) / 255
-    # In-memory images are keyed by their model-ready pixels: every container of the same pixels is one sample.
-    for variant in (pil, pd.Series(list(rgb_images)), floats, list(rgb_images)):
-        np.testing.assert_allclose(ext.transform(variant), reference, atol=1e-6)
-    # Files are keyed by their bytes (so stored features need no decoding): the same pixels reach the model,
-    # with a noise draw of their own.
-    np.testing.assert_array_equal(to_uint8_images(paths, RES), to_uint8_images(rgb_images, RES))
-    from_files = ext.transform(paths)
-    np.testing.assert_allclose(ext.transform(paths[::-1]), from_files[::-1], rtol=1e-6, atol=1e-7)
-    assert not np.allclose(from_files, reference, atol=1e-6)
+    for variant in (pil, paths, pd.Series(list(rgb_images)), floats, list(rgb_images)):
+        torch.testing.assert_close(_model_inputs(ext, variant)[0], reference, rtol=0, atol=0)
     gray = rgb_images[..., 0]
-    np.testing.assert_allclose(ext.transform(gray), ext.transform(np.repeat(gray[..., None], 3, axis=-1)), atol=1e-6)
+    torch.testing.assert_close(_model_inputs(ext, gray)[0], _model_inputs(ext, np.repeat(gray[..., None], 3, -1))[0])
+    # A stacked array, a list of its rows and a Series of them are one sample each: the same keys, the same noise.
+    for variant in (list(rgb_images), pd.Series(list(rgb_images))):
+        np.testing.assert_allclose(ext.transform(variant), features, rtol=1e-6, atol=1e-7)
 
 
 def test_resize_and_center_crop(tiny_dit_dir):
@@ -245,8 +250,12 @@ def test_resize_and_center_crop(tiny_dit_dir):
     middle = rng.integers(0, 256, size=(RES, RES, 3), dtype=np.uint8)
     wide = np.zeros((RES, 2 * RES, 3), dtype=np.uint8)
     wide[:, RES // 2 : RES // 2 + RES] = middle
-    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=1).fit(None)
-    np.testing.assert_allclose(ext.transform([wide]), ext.transform(middle[None]), atol=1e-6)
+    np.testing.assert_array_equal(to_uint8_images([wide], RES)[0], middle)
+    tall = np.swapaxes(wide, 0, 1).copy()
+    np.testing.assert_array_equal(to_uint8_images([tall], RES)[0], np.swapaxes(middle, 0, 1))
+    # a 2x larger image is resized (bicubic on the shorter side), not cropped
+    big = np.asarray(Image.fromarray(middle).resize((2 * RES, 2 * RES), Image.BICUBIC))
+    assert np.abs(to_uint8_images([big], RES)[0].astype(int) - middle).mean() < 40
 
 
 def test_joblib_round_trip_reloads_weights(tiny_dit_dir, rgb_images, tmp_path):

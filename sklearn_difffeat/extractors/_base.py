@@ -197,6 +197,7 @@ class _Run:
     rows_per_pass: int
     device: torch.device
     writers: dict = field(default_factory=dict)
+    keep_going: bool = False  # record unreadable samples instead of raising
     failures: dict = field(default_factory=dict)  # unique row -> message (only when failures are kept)
     store_failed: bool = False
 
@@ -205,8 +206,6 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
     """Shared base; see :class:`DiTFeatureExtractor` and :class:`TextDiffusionFeatureExtractor`."""
 
     _feature_prefix = "feat"
-    # Set by the sharded extraction (sklearn_difffeat.extract): record unreadable samples instead of raising.
-    _keep_going = False
 
     _parameter_constraints: dict = {
         "block": ["array-like", Interval(numbers.Integral, None, None, closed="neither")],
@@ -295,9 +294,17 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         feature of that (block, timestep).
         """
         check_is_fitted(self, "n_features_out_")
+        return self._extract(X)[0]
+
+    def _extract(self, X, keep_going: bool = False):
+        """Features and a report of the work: ``{"keys": (n,) sample keys, "computed": samples that needed the
+        backbone, "stored": samples served from the store alone, "failed": {input position: message}}``.
+
+        With ``keep_going``, a sample that cannot be read is recorded (its row is NaN) instead of raising.
+        """
         backbone = self._backbone()
         samples = self._samples(X, backbone)
-        run = self._plan(backbone, samples)
+        run = self._plan(backbone, samples, keep_going)
         todo = np.flatnonzero(run.missing.any(axis=1))
         total = int(run.missing.sum())
         progress = tqdm(total=total, disable=not self.verbose or total == 0, desc=type(self).__name__,
@@ -307,14 +314,22 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
                 self._stream(run, samples, backbone, todo, progress)
         finally:
             self._close_writers(run)
-        return self._finish(run)
+        failed_rows = np.array(sorted(run.failures), dtype=np.int64)
+        report = {
+            "keys": run.keys[run.inverse],
+            "computed": len(todo) - len(failed_rows),
+            "stored": len(run.keys) - len(todo),
+            "failed": {int(p): run.failures[run.inverse[p]] for p in np.flatnonzero(np.isin(run.inverse, failed_rows))},
+        }
+        return self._finish(run), report
 
-    def _plan(self, backbone, samples) -> _Run:
+    def _plan(self, backbone, samples, keep_going: bool = False) -> _Run:
         """Key the samples, fold duplicates, and read what the store already holds."""
         blocks = resolve_blocks(self.block, backbone.num_blocks)
         timesteps = self._check_timesteps(backbone)
         width = self._feature_width(backbone)
-        keys = samples.keys(self._workers())
+        unreadable = {} if keep_going else None
+        keys = samples.keys(self._workers(), unreadable)
         unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         order = np.argsort(first)  # work in input order: progress and resumption follow the data
         rank = np.empty_like(order)
@@ -323,13 +338,9 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         store = open_store(self.cache) if self.cache is not None else None
         depth = self._cache_depth(backbone) if store is not None else None
         computed = sorted(set(blocks) | (set(range(depth + 1)) if depth is not None and depth > max(blocks) else set()))
-        namespaces, descriptions = {}, {}
-        for ti, t in enumerate(timesteps):
-            base = self._namespace_description(backbone, t)
-            for b in computed:
-                description = {**base, "block": b, "width": width}
-                name = f"{self._feature_prefix}-b{b}-t{t:g}-{stable_hash(description)}"
-                namespaces[b, ti], descriptions[name] = name, description
+        named = self._feature_namespaces(backbone, computed)
+        namespaces = {k: name for k, (name, _) in named.items()}
+        descriptions = dict(named.values())
         out = np.empty((len(keys), len(blocks), len(timesteps), width), dtype=np.float32)
         missing = np.ones((len(unique), len(timesteps)), dtype=bool)
         if store is not None:
@@ -340,9 +351,23 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
                     out[first[found], bi, ti] = values[found]
                     stored &= found
                 missing[:, ti] = ~stored
-        return _Run(keys=unique, first=first, inverse=inverse, missing=missing, blocks=blocks, computed_blocks=computed,
-                    timesteps=timesteps, out=out, store=store, namespaces=namespaces, descriptions=descriptions,
-                    rows_per_pass=self.batch_size, device=backbone.device)
+        run = _Run(keys=unique, first=first, inverse=inverse, missing=missing, blocks=blocks, computed_blocks=computed,
+                   timesteps=timesteps, out=out, store=store, namespaces=namespaces, descriptions=descriptions,
+                   rows_per_pass=self.batch_size, device=backbone.device, keep_going=keep_going)
+        for position, message in (unreadable or {}).items():
+            self._fail(run, int(inverse[position]), message)
+        return run
+
+    def _feature_namespaces(self, backbone, blocks) -> dict:
+        """{(block, timestep index): (namespace, description)} of the store entries these parameters read."""
+        width = self._feature_width(backbone)
+        out = {}
+        for ti, t in enumerate(self._check_timesteps(backbone)):
+            base = self._namespace_description(backbone, t)
+            for b in blocks:
+                description = {**base, "block": b, "width": width}
+                out[b, ti] = (f"{self._feature_prefix}-b{b}-t{t:g}-{stable_hash(description)}", description)
+        return out
 
     def _stream(self, run: _Run, samples, backbone, todo, progress):
         pending: deque = deque()
@@ -427,7 +452,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
 
     def _fail(self, run: _Run, row: int, message: str):
         """A sample that cannot be read: raise, or (sharded extraction) record it and go on."""
-        if not self._keep_going:
+        if not run.keep_going:
             raise ValueError(message)
         run.failures[row] = message
         run.missing[row] = False

@@ -4,10 +4,11 @@ An image collection is validated as a container up front (shape, dtype, value ra
 item of a list), keyed by content, and decoded one sample at a time, in DataLoader worker processes when there
 are many. Errors name the sample.
 
-Keys: an in-memory image (array or PIL) is keyed by its model-ready pixels, so a uint8 array, the same image as
-floats in [0, 1], as PIL or as a grayscale array repeated to RGB are one sample. A file is keyed by its bytes, so
-that a run over stored files decodes nothing; the same picture given as a file and as an array is therefore two
-samples (identical features at t = 0; at t > 0 each has its own noise draw).
+Keys hash each sample as given, with no decoding or resizing, so that a run whose features are all stored costs
+only hashing: a file by its bytes, an array by its dtype, shape and bytes (a row of a stacked array and the same
+array in a list are one sample), a PIL image by its mode, size and pixels. The same picture given in two forms
+(a file and its pixels, uint8 and float) is two samples: the same model input, each with its own noise draw at
+t > 0.
 """
 
 from __future__ import annotations
@@ -67,18 +68,25 @@ class ImageSamples:
     def __len__(self):
         return len(self.items)
 
-    def keys(self, workers: int) -> np.ndarray:
-        """(n,) ASCII hex content keys, hashed in ``workers`` threads (hashlib releases the GIL)."""
+    def keys(self, workers: int, errors: dict | None = None) -> np.ndarray:
+        """(n,) ASCII hex content keys, hashed in ``workers`` threads (hashlib releases the GIL).
+
+        A sample that cannot be read raises, or, when an ``errors`` dict is given, is recorded there as
+        {position: message} and gets a key of its own that no content can have.
+        """
         n = len(self.items)
         keys = np.empty(n, dtype=f"S{2 * KEY_BYTES}")
 
         def run(start, stop):
             for i in range(start, stop):
                 item = self.items[i]
-                if isinstance(item, (str, os.PathLike)):
-                    keys[i] = _file_key(item, i)
-                else:  # PIL releases the GIL while resizing, hashlib while hashing: threads run in parallel
-                    keys[i] = pixels_key(item if self.ready else self.load(i))
+                try:  # hashlib releases the GIL on large buffers: the threads hash in parallel
+                    keys[i] = _file_key(item, i) if isinstance(item, (str, os.PathLike)) else _content_key(item)
+                except ValueError as exc:
+                    if errors is None:
+                        raise
+                    errors[i] = str(exc)
+                    keys[i] = hashlib.sha256(f"unreadable:{i}".encode()).hexdigest()[: 2 * KEY_BYTES].encode()
 
         bounds = np.linspace(0, n, min(workers, n) + 1).astype(int) if workers > 1 else np.array([0, n])
         if len(bounds) == 2:
@@ -166,10 +174,16 @@ def _check_image_array(X: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unsupported image dtype {X.dtype} (use uint8, or float in [0, 1]).")
 
 
-def pixels_key(pixels: np.ndarray) -> bytes:
-    """Key of model-ready uint8 pixels (the hex digest as ASCII bytes)."""
-    digest = hashlib.sha256(f"pixels:{pixels.shape}:".encode())
-    digest.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+def _content_key(item) -> bytes:
+    """Key of an in-memory image as given: an array's dtype, shape and bytes, or a PIL image's mode, size and
+    pixels (the hex digest as ASCII bytes)."""
+    if isinstance(item, Image.Image):
+        digest = hashlib.sha256(f"pil:{item.mode}:{item.size}:".encode())
+        digest.update(item.tobytes())
+    else:
+        array = np.ascontiguousarray(item)
+        digest = hashlib.sha256(f"array:{array.dtype.str}:{array.shape}:".encode())
+        digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
 
 

@@ -269,7 +269,7 @@ class TextSamples:
     def __len__(self):
         return len(self.texts)
 
-    def keys(self, workers):
+    def keys(self, workers, errors=None):  # texts are validated up front: nothing left to fail here
         keys = np.empty(len(self.texts), dtype=f"S{2 * KEY_BYTES}")
         for i, text in enumerate(self.texts):
             keys[i] = hashlib.sha256(b"text:" + text.encode("utf-8")).hexdigest()[: 2 * KEY_BYTES].encode()
@@ -280,25 +280,26 @@ def tokenize(tokenizer, texts, limit, pad_id):
     """Token ids of a batch of texts, padded with ``pad_id``: ``(ids, special, lengths, truncated)``.
 
     Texts longer than ``limit`` tokens are cut by the tokenizer's own truncation (which keeps closing special
-    tokens); ``truncated`` marks them. Padding is built with array operations, not per text.
+    tokens), in the same single pass; ``truncated`` marks them. Padding is built with array operations, not per
+    text.
     """
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum": we warn once
     try:
-        # One token over the budget tells which texts are too long without tokenizing everything twice.
-        options = dict(truncation=True, max_length=limit + 1) if limit is not None else {}
+        options = dict(truncation=True, max_length=limit) if limit is not None else {}
         encoded = tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True, **options)
         ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        truncated = lengths > limit if limit is not None else np.zeros(len(ids), dtype=bool)
-        if truncated.any():
-            cut = tokenizer([texts[i] for i in np.flatnonzero(truncated)], add_special_tokens=True,
-                            return_special_tokens_mask=True, truncation=True, max_length=limit)
-            for j, i in enumerate(np.flatnonzero(truncated)):
-                ids[i], special[i] = cut["input_ids"][j], cut["special_tokens_mask"][j]
-            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        if limit is None:
+            truncated = np.zeros(len(ids), dtype=bool)
+        elif encoded.encodings is not None:  # a fast tokenizer keeps what it cut off
+            truncated = np.fromiter((len(e.overflowing) > 0 for e in encoded.encodings), dtype=bool, count=len(ids))
+        else:  # a slow one does not: texts that reach the budget are checked without truncation
+            full = [i for i in np.flatnonzero(lengths == limit)
+                    if len(tokenizer(texts[i], add_special_tokens=True)["input_ids"]) > limit]
+            truncated = np.isin(np.arange(len(ids)), full)
     finally:
         hf_logging.set_verbosity(level)
     width = int(lengths.max())
