@@ -13,6 +13,7 @@ t > 0.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import itertools
 import os
@@ -76,6 +77,8 @@ class ImageSamples:
         """
         n = len(self.items)
         keys = np.empty(n, dtype=f"S{2 * KEY_BYTES}")
+        if self.is_array:
+            return self._array_keys(workers)
 
         def run(start, stop):
             for i in range(start, stop):
@@ -88,14 +91,27 @@ class ImageSamples:
                     errors[i] = str(exc)
                     keys[i] = hashlib.sha256(f"unreadable:{i}".encode()).hexdigest()[: 2 * KEY_BYTES].encode()
 
-        bounds = np.linspace(0, n, min(workers, n) + 1).astype(int) if workers > 1 else np.array([0, n])
-        if len(bounds) == 2:
-            run(0, n)
-        else:
-            with ThreadPoolExecutor(len(bounds) - 1) as pool:
-                for future in [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]:
-                    future.result()  # re-raises the first error, which names its sample
+        _in_threads(run, n, workers)
         return keys
+
+    def _array_keys(self, workers: int) -> np.ndarray:
+        """Keys of the rows of a stacked array: the same as :func:`_content_key` of each row, hashed straight
+        from one buffer (no per-row array objects), in parallel threads."""
+        X = np.ascontiguousarray(self.items)
+        n, row_bytes = len(X), X[0].nbytes
+        prefix = f"array:{X.dtype.str}:{X.shape[1:]}:".encode()
+        flat = memoryview(X).cast("B")
+        digests = [b""] * n
+
+        def run(start, stop):
+            for i in range(start, stop):
+                digest = hashlib.sha256(prefix)
+                digest.update(flat[i * row_bytes:(i + 1) * row_bytes])
+                digests[i] = digest.digest()
+
+        _in_threads(run, n, workers)
+        hexed = binascii.hexlify(b"".join(digests))  # 64 hex characters a row, of which the key keeps 32
+        return np.frombuffer(hexed, dtype="S64").astype(f"S{2 * KEY_BYTES}")
 
     def pixels(self, positions: np.ndarray) -> torch.Tensor:
         """(B, R, R, C) uint8 for a batch of positions, decoded here (the in-process path)."""
@@ -105,6 +121,18 @@ class ImageSamples:
 
     def load(self, position: int) -> np.ndarray:
         return load_image(self.items[position], position, self.resolution, self.channels)
+
+
+def _in_threads(run, n: int, workers: int) -> None:
+    """``run(start, stop)`` over ``workers`` contiguous ranges of ``range(n)``, in threads; re-raises the first
+    error (which names its sample)."""
+    bounds = np.linspace(0, n, min(workers, n) + 1).astype(int) if workers > 1 else np.array([0, n])
+    if len(bounds) == 2:
+        run(0, n)
+        return
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        for future in [pool.submit(run, a, b) for a, b in itertools.pairwise(bounds)]:
+            future.result()
 
 
 class ImageDataset(torch.utils.data.Dataset):
