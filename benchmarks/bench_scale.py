@@ -53,7 +53,7 @@ def main():
     print(f"in-process (1 thread)         {in_process:7.1f} s  {args.n / in_process:7.0f} img/s")
     times = {}
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                           env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
             timed_extract(images[:64], client, args.shard_size, **params)  # each worker loads the model
             times[workers] = timed_extract(images, client, args.shard_size, **params)
