@@ -23,11 +23,6 @@ from ._targets import encode_targets
 
 __all__ = ["FusionClassifier"]
 
-# As scikit-learn's HistGradientBoosting*: below this many samples a held-out split costs more training data
-# than early stopping saves; above it the validation loss is stable enough to stop on.
-AUTO_EARLY_STOPPING_MIN_SAMPLES = 10_000
-AUTO_PATIENCE = 10
-
 
 class FusionClassifier(ClassifierMixin, BaseEstimator):
     """Diff-Feat fusion head: per-modality projections to a common width, added, then a linear head.
@@ -60,16 +55,19 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
     lr_schedule : {"cosine", "constant"}, default="cosine"
         "cosine" decays the learning rate from ``lr`` towards zero along a half cosine over ``max_epochs``, so
         the last epochs make small steps and the weights settle; "constant" keeps ``lr`` throughout.
-    weight_decay : float, default=1e-2
-        AdamW's decoupled weight decay, on every weight and bias.
+    weight_decay : float, default=0.3
+        AdamW's decoupled weight decay, on every weight and bias: each step shrinks the weights by
+        ``lr * weight_decay``, which keeps the wide projections from fitting noise in small data sets.
     max_epochs : int, default=100
         Passes over the training data (fewer when early stopping ends training); the length of the cosine.
     batch_size : int, default=256
         Training mini-batch size; also the batch of prediction.
-    early_stopping : "auto", int or None, default="auto"
+    early_stopping : int or None, default=None
         An int ``k`` holds out ``validation_fraction`` of the rows, stops when the validation loss has not
         improved for ``k`` epochs, and keeps the best epoch's weights. None trains on all rows for
-        ``max_epochs``. ``"auto"`` is 10 with at least 10,000 samples, None below.
+        ``max_epochs``. Off by default: under the cosine schedule the validation loss improves mostly while the
+        learning rate anneals, and it bottoms out before the ranking (mAP) does, so stopping on it ends training
+        early (see docs/fusion_and_metrics.md).
     validation_fraction : float, default=0.1
         Share of the rows held out for early stopping (an unstratified shuffle split: indicator matrices cannot
         be stratified this way).
@@ -121,7 +119,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         "weight_decay": [Interval(numbers.Real, 0, None, closed="left")],
         "max_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
-        "early_stopping": [StrOptions({"auto"}), Interval(numbers.Integral, 1, None, closed="left"), None],
+        "early_stopping": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "threshold": [Interval(numbers.Real, 0, 1, closed="both")],
         "device": [str, torch.device, None],
@@ -137,10 +135,10 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         dropout=0.0,
         lr=3e-3,
         lr_schedule="cosine",
-        weight_decay=1e-2,
+        weight_decay=0.3,
         max_epochs=100,
         batch_size=256,
-        early_stopping="auto",
+        early_stopping=None,
         validation_fraction=0.1,
         threshold=0.5,
         device=None,
@@ -184,11 +182,6 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         # torch refuses read-only buffers (pandas' copy-on-write hands those out), so copy only then.
         return np.require(X_arr, dtype=np.float32, requirements=["C", "W"])
 
-    def _patience(self, n_samples):
-        if self.early_stopping == "auto":
-            return AUTO_PATIENCE if n_samples >= AUTO_EARLY_STOPPING_MIN_SAMPLES else None
-        return self.early_stopping
-
     def fit(self, X, y):
         """Fit the head.
 
@@ -227,10 +220,9 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
             schedule = LRScheduler(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=self.max_epochs)
             callbacks.append(("lr_schedule", schedule))
         train_split = None
-        patience = self._patience(X_arr.shape[0])
-        if patience is not None:
+        if self.early_stopping is not None:
             train_split = ValidSplit(self.validation_fraction, stratified=False, random_state=seed)
-            callbacks.append(("early_stopping", EarlyStopping(patience=patience, load_best=True)))
+            callbacks.append(("early_stopping", EarlyStopping(patience=self.early_stopping, load_best=True)))
         net = NeuralNet(
             module=FusionModule,
             module__groups=list(self.modalities_.values()),
