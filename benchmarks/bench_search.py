@@ -151,7 +151,7 @@ def section_extractors(args):
         )
 
     counted = {"images": 0}
-    backbone = pipeline(None, None).named_steps["features"].transformers[0][1].fit(None)._backbone()
+    backbone = pipeline(None, None).named_steps["features"].transformers[0][1].get_backbone()
     backbone.transformer.pos_embed.register_forward_hook(
         lambda m, a, o: counted.__setitem__("images", counted["images"] + a[0].shape[0])
     )

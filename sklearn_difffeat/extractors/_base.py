@@ -471,6 +471,12 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
             dtype=object,
         )
 
+    def get_backbone(self):
+        """The loaded backbone this extractor runs (loaded on first use), for inspection: its modules (to hook
+        or count passes), tokenizer, depth and width. Shared by every extractor of the process with the same
+        model, device and dtype, so treat it as read-only."""
+        return self._backbone()
+
     # ---- helpers --------------------------------------------------------------------------------------
     def _backbone(self):
         model = self.model
