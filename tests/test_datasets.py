@@ -207,19 +207,46 @@ def test_embedded_mdlm_loads_and_has_learned():
     assert trained < 0.5 * untrained, (trained, untrained)
 
 
-def test_dit_training_preprocessing_matches_the_extractor():
-    # The embedded DiT must see at training time exactly what DiTFeatureExtractor feeds it.
+def _training_script():
     import importlib.util
 
-    image_mod = pytest.importorskip("sklearn_difffeat.extractors.image")
-    if not hasattr(image_mod, "to_uint8_images"):
-        pytest.skip("extractor preprocessing helper not available")
     path = Path(__file__).resolve().parents[1] / "tools" / "train_embedded.py"
     spec = importlib.util.spec_from_file_location("train_embedded", path)
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    return train
+
+
+def test_dit_training_preprocessing_matches_the_extractor():
+    # The embedded DiT must see at training time exactly what DiTFeatureExtractor feeds it, also through the
+    # on-device resize of the mosaic stream used for training.
+    image_mod = pytest.importorskip("sklearn_difffeat.extractors.image")
+    if not hasattr(image_mod, "to_uint8_images"):
+        pytest.skip("extractor preprocessing helper not available")
+    train = _training_script()
     images = np.stack(load_fashion_mosaics(8, split="test", random_state=0).data["image"])
     ours = train.dit_preprocess(images)
     theirs = np.stack(image_mod.to_uint8_images(images, 32))
     theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert torch.equal(ours, theirs)
+    stream = train.MosaicStream(torch.device("cpu"), torch.Generator().manual_seed(0))
+    resized = stream.resize_like_pil(torch.from_numpy(images[..., 0])) / 127.5 - 1
+    assert torch.equal(resized, ours[:, 0])
+    drawn = stream.sample(16)
+    assert drawn.shape == (16, 3, 32, 32) and drawn.min() >= -1 and drawn.max() <= 1
+
+
+def test_training_script_smoke(tmp_path):
+    # A few steps of each model on the CPU through the same code path as a GPU run (--device, --out, --steps).
+    from diffusers import DiTTransformer2DModel
+
+    from sklearn_difffeat.backbones.mdlm import MDLMBackbone
+
+    train = _training_script()
+    small = ["--device", "cpu", "--steps", "2", "--batch-size", "4", "--n-test", "4"]
+    train.main(["dit", *small, "--out", str(tmp_path / "dit")])
+    model = DiTTransformer2DModel.from_pretrained(tmp_path / "dit", subfolder="transformer")
+    assert model.config.sample_size == 32 and (tmp_path / "dit" / "train_log.txt").is_file()
+    train.main(["mdlm", *small, "--texts", "200", "--budget-s", "60", "--out", str(tmp_path / "mdlm")])
+    backbone = MDLMBackbone.from_pretrained(tmp_path / "mdlm")
+    assert backbone.num_blocks == 6 and "saved to" in (tmp_path / "mdlm" / "train_log.txt").read_text()
