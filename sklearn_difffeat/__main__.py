@@ -12,6 +12,9 @@ def main(argv=None):
     demo.add_argument("--n-test", type=int, default=500)
     demo.add_argument("--cv", type=int, default=3)
     demo.add_argument("--output", default="demo_output", help="folder for the model, figures, summary and cache")
+    demo.add_argument(
+        "--threads", type=int, default=1, help="CPU threads while the demo runs (default 1; 0: the libraries' own)"
+    )
     talk = demo.add_mutually_exclusive_group()
     talk.add_argument("--quiet", action="store_true", help="print only the results: no progress, no notices")
     talk.add_argument(
@@ -27,7 +30,10 @@ def main(argv=None):
         from .demo import run_demo
 
         verbose = 0 if args.quiet else 2 if args.verbose else 1
-        run_demo(n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=verbose)
+        run_demo(
+            n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=verbose,
+            n_threads=args.threads or None,
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ timestep), and a t-SNE of the held-out image, text and fused features.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -23,6 +24,10 @@ IMAGE_TIMESTEPS = (0, 50, 100, 200, 300, 500, 700, 900)
 TEXT_TIMESTEPS = (0.0, 0.15, 0.3, 0.5, 0.7)
 HEATMAP_FILE = "image_block_timestep_map.png"
 TSNE_FILE = "tsne_image_text_fused.png"
+# The fusion head that scores search and heatmap candidates: narrower and shorter-trained than FusionClassifier's
+# defaults, because the demo fits it some 330 times (candidates x folds) on 2 CPU cores. The held-out table's
+# models use the defaults.
+SEARCH_HEAD = {"projection_dim": 256, "max_epochs": 20}
 
 
 def build_pipeline(cache, image=True, text=True, fusion_params=None, verbose=0):
@@ -86,8 +91,10 @@ def run_demo(
     image_timesteps=IMAGE_TIMESTEPS,
     text_timesteps=TEXT_TIMESTEPS,
     max_evaluations=None,
+    search_fusion_params=SEARCH_HEAD,
     fusion_params=None,
     cache=None,
+    n_threads=1,
 ):
     """Run the demo; return its summary dict (also written to ``output/summary.json``).
 
@@ -108,16 +115,39 @@ def run_demo(
         The timestep axes of the search (and of the heatmap); the block axes are every block of each model.
     max_evaluations : int or None, default=None
         Passed to BlockTimestepSearchCV; None lets the search run to its local optimum.
+    search_fusion_params : dict or None, default=SEARCH_HEAD
+        FusionClassifier parameters, over the library's defaults, of the head that scores the search's and the
+        heatmap's candidates.
     fusion_params : dict or None, default=None
-        FusionClassifier parameters that replace the library's defaults.
+        FusionClassifier parameters, over the library's defaults, of the held-out table's models (None: the
+        defaults).
     cache : str, Path or None, default=None
         Feature cache folder; None is ``output/cache``.
+    n_threads : int or None, default=1
+        CPU threads of torch and of the numerical libraries while the demo runs (restored afterwards); None
+        leaves them as they are.
     """
-    with warnings.catch_warnings():
-        return _run_demo(
-            n_train, n_test, Path(output), cv, verbose, list(image_timesteps), list(text_timesteps),
-            max_evaluations, fusion_params, str(cache if cache is not None else Path(output) / "cache"),
-        )
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    # One thread by default: the demo's work is some 400 small fits and batches, which gain little from threads,
+    # while on cores shared with other processes each OpenMP thread waits for the others at every operation.
+    # Measured on a 2-core machine with other work running: one 256-wide head fit took 0.2 s with 1 thread and
+    # 5 s with 2; the whole demo took 213 s with 1 thread, while with 2 its search had done 22 of its 36
+    # candidates after 8 minutes.
+    previous = torch.get_num_threads()
+    limits = threadpool_limits(n_threads) if n_threads is not None else contextlib.nullcontext()
+    try:
+        if n_threads is not None:
+            torch.set_num_threads(n_threads)
+        with warnings.catch_warnings(), limits:
+            return _run_demo(
+                n_train, n_test, Path(output), cv, verbose, list(image_timesteps), list(text_timesteps),
+                max_evaluations, search_fusion_params, fusion_params,
+                str(cache if cache is not None else Path(output) / "cache"),
+            )
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _truncated_captions(backbone, texts):
@@ -131,7 +161,7 @@ def _truncated_captions(backbone, texts):
 
 
 def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timesteps, max_evaluations,
-              fusion_params, cache):
+              search_fusion_params, fusion_params, cache):
     from sklearn.model_selection import GridSearchCV, KFold
 
     from . import BlockTimestepSearchCV, DiTFeatureExtractor, TextDiffusionFeatureExtractor
@@ -168,12 +198,13 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
         f"combinations, {cv}-fold CV mAP ..."
     )
     search = BlockTimestepSearchCV(
-        build_pipeline(cache, fusion_params=fusion_params, verbose=extractor_verbose),
+        build_pipeline(cache, fusion_params=search_fusion_params, verbose=extractor_verbose),
         axes,
         cv=folds,
         scoring=map_scorer,
         random_state=0,
         max_evaluations=max_evaluations,
+        refit=False,  # the table's fused model is trained below, with the table's head
         verbose=verbose,  # 1: the one bar; 2: a line per step and scikit-learn's messages
     )
     search.fit(train.data, train.Y)
@@ -181,29 +212,29 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
     say(f"  {search.n_evaluations_} evaluations ({search.stopped_reason_}); best CV mAP {100 * search.best_score_:.1f}")
 
     # Held-out comparison at the chosen (block, timestep) of each branch.
-    say("held-out split: image only, text only and fused ...")
-    rows = {}
+    say("held-out split: image only, text only and fused, trained on the whole training split ...")
+    rows, probas = {}, {}
     models = {
         "image only": build_pipeline(cache, text=False, fusion_params=fusion_params, verbose=extractor_verbose),
         "text only": build_pipeline(cache, image=False, fusion_params=fusion_params, verbose=extractor_verbose),
-        "fused": search.best_estimator_,
+        "fused": build_pipeline(cache, fusion_params=fusion_params, verbose=extractor_verbose),
     }
     for name, model in models.items():
-        if name != "fused":
-            model.set_params(**_branch_params(best, name.split()[0]))
-            model.fit(train.data, train.Y)
-        rows[name] = multilabel_report(test.Y, model.predict_proba(test.data))
+        model.set_params(**(best if name == "fused" else _branch_params(best, name.split()[0])))
+        model.fit(train.data, train.Y)
+        probas[name] = model.predict_proba(test.data)
+        rows[name] = multilabel_report(test.Y, probas[name])
+    fused = models["fused"]
 
     # Persistence: the fitted fused pipeline, reloaded, predicts identically.
     model_path = output / "diff_feat_pipeline.joblib"
-    joblib.dump(search.best_estimator_, model_path)
-    reloaded = joblib.load(model_path)
-    identical = bool(np.array_equal(reloaded.predict_proba(test.data), search.best_estimator_.predict_proba(test.data)))
+    joblib.dump(fused, model_path)
+    identical = bool(np.array_equal(joblib.load(model_path).predict_proba(test.data), probas["fused"]))
 
     # The image branch's whole (block, timestep) grid, for the heatmap: cheap, features come from the cache.
     say("image branch: full (block, timestep) grid for the heatmap ...")
     grid = GridSearchCV(
-        build_pipeline(cache, text=False, fusion_params=fusion_params, verbose=extractor_verbose),
+        build_pipeline(cache, text=False, fusion_params=search_fusion_params, verbose=extractor_verbose),
         _axes(image_blocks, image_timesteps=image_timesteps),
         cv=folds,
         scoring=map_scorer,
@@ -221,7 +252,7 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
     heatmap = _heatmap(heat, image_blocks, image_timesteps, search, output / HEATMAP_FILE)
 
     say("t-SNE of the held-out features ...")
-    tsne, colouring = _tsne(search.best_estimator_, test, best, output / TSNE_FILE)
+    tsne, colouring = _tsne(fused, test, best, output / TSNE_FILE)
 
     elapsed = time.perf_counter() - start_time
     summary = {
@@ -237,6 +268,9 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
             "timestep": image_timesteps[best_cell[1]],
             "cv_map": float(heat[best_cell]),
         },
+        "search_head": _head(search.estimator),
+        "held_out_head": _head(fused),
+        "held_out_head_is_default": not fusion_params,
         "held_out": rows,
         "reload_identical": identical,
         "figures": {"heatmap": str(heatmap), "tsne": str(tsne)},
@@ -248,6 +282,11 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
     if not identical:
         raise RuntimeError("The reloaded pipeline's predictions differ from the fitted one's.")
     return summary
+
+
+def _head(pipeline):
+    """The fusion head's plain-valued parameters, for the summary."""
+    return {k: v for k, v in pipeline["clf"].get_params().items() if isinstance(v, (bool, int, float, str))}
 
 
 def _print_table(summary, model_path):
@@ -268,12 +307,18 @@ def _print_table(summary, model_path):
     print(
         f"local search: {summary['evaluations']} evaluations of {summary['grid_size']} grid points "
         f"({100 * summary['evaluations'] / summary['grid_size']:.1f}%), "
-        f"stopped at a {summary['stopped'].replace('_', ' ')}"
+        f"stopped {'at a local optimum' if summary['stopped'] == 'local_optimum' else 'at max_evaluations'}"
     )
     g = summary["image_grid_best"]
     print(
         f"image grid optimum (for the heatmap, image only): block {g['block']}, t={g['timestep']}, "
         f"CV mAP {100 * g['cv_map']:.1f}"
+    )
+    search_head, head = summary["search_head"], summary["held_out_head"]
+    print(
+        f"heads: held-out models FusionClassifier({'' if summary['held_out_head_is_default'] else '...'}) "
+        f"({head['projection_dim']} wide, {head['max_epochs']} epochs); search and heatmap candidates "
+        f"{search_head['projection_dim']} wide, {search_head['max_epochs']} epochs"
     )
     print(f"saved {model_path}; reloaded predictions identical: {summary['reload_identical']}")
     figures = summary["figures"]
@@ -298,7 +343,12 @@ def _heatmap(heat, blocks, timesteps, search, path):
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
     ax.set_xlabel("diffusion timestep t")
     ax.set_ylabel("DiT block")
-    ax.set_title("Image branch alone: CV mAP over (block, timestep)")
+    head = search.estimator["clf"]
+    ax.set_title(
+        f"Image branch alone: {search.n_splits_}-fold CV mAP over (block, timestep)\n"
+        f"(head of the search's candidates: {head.projection_dim} wide, {head.max_epochs} epochs)",
+        fontsize=10,
+    )
     for i in range(heat.shape[0]):
         for j in range(heat.shape[1]):
             bright = heat[i, j] > np.nanmin(heat) + 0.6 * (np.nanmax(heat) - np.nanmin(heat))
@@ -370,10 +420,11 @@ def _tsne(model, test, best, path):
     single = Y.sum(axis=1) == 1
     label = Y.argmax(axis=1)
     plt = _pyplot()
-    colours = plt.get_cmap("tab10").colors
+    # tab10, with its grey (Sneaker) made black so that no class looks like the grey of mixed mosaics.
+    colours = [(0.0, 0.0, 0.0) if k == 7 else c for k, c in enumerate(plt.get_cmap("tab10").colors)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
     for ax, (title, xy) in zip(axes, panels):
-        ax.scatter(*xy[~single].T, s=6, color="0.75", linewidths=0, label="several classes")
+        ax.scatter(*xy[~single].T, s=6, color="0.8", linewidths=0, label="several classes")
         for k, name in enumerate(test.label_names):
             ax.scatter(*xy[single & (label == k)].T, s=12, color=colours[k % len(colours)], linewidths=0,
                        label=name)

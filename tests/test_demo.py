@@ -45,11 +45,11 @@ def test_unknown_embedded_name_lists_the_available_ones():
 
 
 # A small sample and a small grid, so the whole demo runs in seconds: 2 timesteps per modality (every block of each
-# model), 3 candidates, a 32-wide head trained for 5 epochs. 60 training mosaics leave every label present in each
+# model), 3 candidates, 32-wide heads trained for 5 epochs. 60 training mosaics leave every label present in each
 # 30-row training fold.
 SMALL = dict(
     image_timesteps=(0, 500), text_timesteps=(0.0, 0.5), max_evaluations=3,
-    fusion_params=dict(projection_dim=32, max_epochs=5),
+    search_fusion_params=dict(projection_dim=32, max_epochs=5), fusion_params=dict(projection_dim=32, max_epochs=5),
 )
 SIZE = ["--n-train", "60", "--n-test", "30", "--cv", "2"]
 ROWS = ("image only", "text only", "fused")
@@ -85,8 +85,12 @@ def _bars(err):
 
 
 def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_cache):
+    import torch
+
+    threads = torch.get_num_threads()
     _demo(monkeypatch, demo_cache, *SIZE, "--output", str(tmp_path))
     out, err = capfd.readouterr()
+    assert torch.get_num_threads() == threads  # the demo's one thread is given back
     summary = json.loads((tmp_path / "summary.json").read_text())
 
     # The table: its three rows, with the numbers of the summary file.
