@@ -177,8 +177,8 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
     test = load_fashion_mosaics(n_test, split="test", random_state=0)
     say(f"data: {n_train} train / {n_test} test mosaics of real Fashion-MNIST items, {len(train.label_names)} labels")
     # Loaded through the extractors' process-wide registry, so the pipelines below reuse these weights.
-    image_blocks = list(range(1, DiTFeatureExtractor(IMAGE_MODEL)._backbone().num_blocks + 1))
-    text_backbone = TextDiffusionFeatureExtractor(TEXT_MODEL)._backbone()
+    image_blocks = list(range(1, DiTFeatureExtractor(IMAGE_MODEL).get_backbone().num_blocks + 1))
+    text_backbone = TextDiffusionFeatureExtractor(TEXT_MODEL).get_backbone()
     text_blocks = list(range(1, text_backbone.num_blocks + 1))
     captions = list(train.data["text"]) + list(test.data["text"])
     too_long = _truncated_captions(text_backbone, captions)

@@ -160,7 +160,7 @@ def test_demo_counts_long_captions_without_the_tokenizers_warning(capfd):
     # Held-out caption 183 (random_state=0) is the split's one caption over the text model's 64 tokens.
     texts = load_fashion_mosaics(184, split="test", random_state=0).data["text"].tolist()[180:]
     _base.clear_backbone_cache()  # a fresh tokenizer: transformers warns once per tokenizer
-    backbone = TextDiffusionFeatureExtractor("embedded:fashion-mdlm")._backbone()
+    backbone = TextDiffusionFeatureExtractor("embedded:fashion-mdlm").get_backbone()
     capfd.readouterr()
     assert _truncated_captions(backbone, texts) == 1
     assert "sequence length is longer" not in "".join(capfd.readouterr())
