@@ -211,7 +211,8 @@ def _content_key(item) -> bytes:
     else:
         array = np.ascontiguousarray(item)
         digest = hashlib.sha256(f"array:{array.dtype.str}:{array.shape}:".encode())
-        digest.update(memoryview(array).cast("B"))
+        if array.size:  # an empty one is keyed by its shape alone; decoding then says what is wrong with it
+            digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
 
 
