@@ -55,9 +55,10 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
     lr_schedule : {"cosine", "constant"}, default="cosine"
         "cosine" decays the learning rate from ``lr`` towards zero along a half cosine over ``max_epochs``, so
         the last epochs make small steps and the weights settle; "constant" keeps ``lr`` throughout.
-    weight_decay : float, default=0.3
-        AdamW's decoupled weight decay, on every weight and bias: each step shrinks the weights by
-        ``lr * weight_decay``, which keeps the wide projections from fitting noise in small data sets.
+    weight_decay : float, default=1.0
+        AdamW's decoupled weight decay, on every weight and bias: each step shrinks the weights by the factor
+        ``1 - lr * weight_decay`` (at the scheduled lr), which keeps the wide projections from fitting noise in
+        small or noisy data sets. Values up to ``1 / lr`` are meaningful.
     max_epochs : int, default=100
         Passes over the training data (fewer when early stopping ends training); the length of the cosine.
     batch_size : int, default=256
@@ -135,7 +136,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         dropout=0.0,
         lr=3e-3,
         lr_schedule="cosine",
-        weight_decay=0.3,
+        weight_decay=1.0,
         max_epochs=100,
         batch_size=256,
         early_stopping=None,
