@@ -360,6 +360,7 @@ def _heatmap(heat, blocks, timesteps, search, path):
                 va="center",
                 fontsize=7,
                 color="black" if bright else "white",
+                zorder=3,  # above the search path, so every score stays readable
             )
     # Where the joint local search went (its image coordinates), start to end.
     path_points = [
@@ -371,7 +372,7 @@ def _heatmap(heat, blocks, timesteps, search, path):
         if p.get("params")
     ]
     xs, ys = zip(*path_points)
-    ax.plot(xs, ys, "-o", color="red", markersize=4, label="local search path (fused)")
+    ax.plot(xs, ys, "-o", color="red", alpha=0.7, markersize=4, zorder=2, label="local search path (fused)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
     fig.colorbar(image, ax=ax, label="mAP (%)")
     fig.tight_layout()
