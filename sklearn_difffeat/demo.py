@@ -317,7 +317,7 @@ def _print_table(summary, model_path):
     search_head, head = summary["search_head"], summary["held_out_head"]
     print(
         f"heads: held-out models FusionClassifier({'' if summary['held_out_head_is_default'] else '...'}) "
-        f"({head['projection_dim']} wide, {head['max_epochs']} epochs); search and heatmap candidates "
+        f"({head['projection_dim']} wide, {head['max_epochs']} epochs); candidates "
         f"{search_head['projection_dim']} wide, {search_head['max_epochs']} epochs"
     )
     print(f"saved {model_path}; reloaded predictions identical: {summary['reload_identical']}")
