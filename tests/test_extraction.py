@@ -133,6 +133,23 @@ def test_damaged_segment_is_recomputed_not_read(tiny_dit_dir, rgb_images, tmp_pa
     counter.close()
 
 
+def test_damaged_latents_are_encoded_again(tiny_dit_dir, rgb_images, tmp_path):
+    store_dir = tmp_path / "store"
+    ext_for(tiny_dit_dir, cache=str(store_dir), batch_size=3).transform(rgb_images)
+    for data in store_dir.glob("dit-x0-*/*.npy"):
+        np.save(data, np.load(data) * 2)  # wrong values, right shape
+    from sklearn_difffeat.extractors import _base
+
+    _base._STORES.clear()  # as a new process would
+    later = ext_for(tiny_dit_dir, timestep=[300], cache=str(store_dir), batch_size=3)
+    counter = PassCounter(later)
+    with pytest.warns(RuntimeWarning, match="checksum"):
+        got = later.transform(rgb_images)
+    assert counter.encoded == len(rgb_images)  # every image went through the VAE again
+    counter.close()
+    np.testing.assert_allclose(got, ext_for(tiny_dit_dir, timestep=[300]).transform(rgb_images), atol=1e-6)
+
+
 _WORKER = textwrap.dedent(
     """
     import os, signal, sys

@@ -196,15 +196,17 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         shape = backbone.latent_shape
         if run.store is not None:
             namespace, _ = self._x0_namespace(backbone)
-            stored = run.store.contains(namespace, run.keys[todo])
-            for start in range(0, int(stored.sum()), size):
-                rows = todo[stored][start:start + size]
+            listed = todo[run.store.contains(namespace, run.keys[todo])]
+            served = []
+            for start in range(0, len(listed), size):
+                rows = listed[start:start + size]
                 values, found = run.store.read(namespace, run.keys[rows], width=math.prod(shape))
-                if found.all():
-                    yield Batch(rows, ("x0", self._pinned(run, torch.from_numpy(values).view(-1, *shape))))
-                else:  # damaged after all: decode these images below
-                    stored[np.flatnonzero(stored)[start:start + size][~found]] = False
-            todo = todo[~stored]
+                if found.any():  # rows of a segment found damaged on reading are decoded below instead
+                    x0 = torch.from_numpy(values[found]).view(-1, *shape)
+                    yield Batch(rows[found], ("x0", self._pinned(run, x0)))
+                    served.append(rows[found])
+            if served:
+                todo = todo[~np.isin(todo, np.concatenate(served))]
         if len(todo) == 0:
             return
         positions = run.first[todo]
