@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -52,6 +53,18 @@ def stable_hash(*parts, size: int = 10) -> str:
     """Hex digest of JSON-serialisable parts; identical across processes and machines."""
     payload = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.blake2b(payload, digest_size=size).hexdigest()
+
+
+def _locked(method):
+    """Run a FeatureStore method under the store's lock."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class StoreWriteError(OSError):
@@ -117,7 +130,7 @@ class _Namespace:
 
 
 class FeatureStore:
-    """A folder of feature segments. Safe to share between threads' readers, processes and machines.
+    """A folder of feature segments. Safe to share between threads, processes and machines.
 
     Parameters
     ----------
@@ -146,6 +159,9 @@ class FeatureStore:
         self._namespaces: dict[str, _Namespace] = {}
         self._maps: OrderedDict = OrderedDict()
         self._warned: set = set()
+        # One store object may serve several threads (e.g. a Dask worker running tasks in threads): the loaded
+        # indexes and the open maps change under this lock.
+        self._lock = threading.RLock()
 
     @classmethod
     def create(cls, directory, **settings) -> FeatureStore:
@@ -177,16 +193,19 @@ class FeatureStore:
 
     def count(self, namespace: str) -> int:
         """Number of distinct keys stored in the namespace's complete segments."""
-        return len(self._refresh(namespace).sorted_keys)
+        with self._lock:
+            return len(self._refresh(namespace).sorted_keys)
 
     def keys(self, namespace: str) -> np.ndarray:
         """The distinct keys stored in the namespace (sorted, as ASCII bytes)."""
-        return self._refresh(namespace).sorted_keys.copy()
+        with self._lock:
+            return self._refresh(namespace).sorted_keys.copy()
 
     def contains(self, namespace: str, keys) -> np.ndarray:
         """Boolean mask: which keys have a row in the namespace (not yet checked for damage)."""
         keys = as_keys(keys)
-        return self._refresh(namespace).locate(keys)[0]
+        with self._lock:
+            return self._refresh(namespace).locate(keys)[0]
 
     def read(self, namespace: str, keys, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(values, found)``: float32 rows ``(len(keys), width)`` for the keys that are stored, and which are.
@@ -196,6 +215,10 @@ class FeatureStore:
         count as absent.
         """
         keys = as_keys(keys)
+        with self._lock:
+            return self._read(namespace, keys, width)
+
+    def _read(self, namespace, keys, width):
         ns = self._refresh(namespace)
         for _attempt in range(2):  # a segment found damaged is dropped, and the lookup repeated once
             found, segment_ids, rows = ns.locate(keys)
@@ -258,6 +281,7 @@ class FeatureStore:
             raise StoreWriteError(f"Could not write a segment to {folder}: {type(exc).__name__}: {exc}") from exc
 
     # ---- maintenance ------------------------------------------------------------------------------------
+    @_locked
     def clear(self, namespace: str | None = None) -> None:
         """Delete one namespace, or every namespace and the store's settings."""
         if namespace is not None:
@@ -275,6 +299,7 @@ class FeatureStore:
             (self.directory / STORE_FILE).unlink(missing_ok=True)
         self._maps.clear()
 
+    @_locked
     def compact(self, namespace: str | None = None) -> None:
         """Merge each namespace's segments into as few as the segment size allows, dropping duplicate keys,
         damaged segments and files of writers that died more than an hour ago. Safe while others read or write:
