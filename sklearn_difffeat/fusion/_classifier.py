@@ -29,8 +29,9 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
 
     Each modality's features are standardised, projected by their own ``Linear(d_m, projection_dim)``, the
     projections are added (:meth:`fuse`), and a linear head maps the sum to one logit per label (multi-label:
-    binary cross-entropy) or per class (1-D labels: cross-entropy). Training is AdamW with a cosine learning-rate
-    decay over ``max_epochs``, run by skorch; the skorch net is built in ``fit`` and kept as ``net_``.
+    binary cross-entropy) or per class (1-D labels: cross-entropy). Training is AdamW, by default with a cosine
+    learning-rate decay over ``max_epochs``, run by skorch; the skorch net is built in ``fit`` and kept as ``net_``.
+    A diverging fit raises ``FloatingPointError`` instead of leaving a model that predicts NaN.
 
     Parameters
     ----------
