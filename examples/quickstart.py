@@ -34,7 +34,7 @@ def main(n_train=400, n_test=200):
             ("image", DiTFeatureExtractor("embedded:fashion-dit", block=-1, timestep=0), "image"),
             ("text", TextDiffusionFeatureExtractor("embedded:fashion-mdlm", block=-1, timestep=0.0), "text"),
         ]).set_output(transform="pandas")),
-        ("clf", FusionClassifier(projection_dim=2048, lr=1e-3, random_state=0)),
+        ("clf", FusionClassifier(projection_dim=2048, random_state=0)),
     ])
     pipe.fit(train.data, train.Y)
     report = multilabel_report(test.Y, pipe.predict_proba(test.data))
