@@ -2,14 +2,16 @@
 
     python tools/train_embedded.py dit     # -> sklearn_difffeat/embedded/fashion-dit/,  tools/logs/fashion-dit.txt
     python tools/train_embedded.py mdlm    # -> sklearn_difffeat/embedded/fashion-mdlm/, tools/logs/fashion-mdlm.txt
-    python tools/train_embedded.py dit --device cuda --out /tmp/dit    # a GPU run into another folder
+    python tools/train_embedded.py dit --device cuda --out OUT/dit --steps 1300 --budget-s 50     # GPU runs,
+    python tools/train_embedded.py mdlm --device cuda --out OUT/mdlm --steps 1300 --budget-s 45   # ~2 min both
 
 Both use only the *train* split of the embedded Fashion-MNIST mosaics and are seeded (``--seed``; on CPU the
 same code, library versions and thread count give the same weights; CUDA kernels are not bitwise
 deterministic). ``--device`` defaults to CUDA when available (bf16 autocast, float32 weights and optimiser),
 else CPU; each device has its own default recipe (``RECIPES``), which ``--steps``, ``--batch-size`` and ``--lr``
-override. The loss is logged every ``LOG_EVERY`` steps to stdout and to ``tools/logs/`` (or to
-``train_log.txt`` in ``--out``). Weights are saved in float16, as shipped.
+override; ``--budget-s`` fits the number of steps (at most ``--steps``) to a time budget of the training
+loop, measured after the first steps. The loss is logged every ``LOG_EVERY`` steps to stdout and to
+``tools/logs/`` (or to ``train_log.txt`` in ``--out``). Weights are saved in float16, as shipped.
 
 Image model: mosaics are drawn on the fly by the recipe of ``load_fashion_mosaics`` (1-4 items in distinct
 cells of a 2x2 grid, classes uniform, source images uniform within the class, train sources only) and resized
@@ -20,7 +22,8 @@ Text model: a pool of train-split captions and dictionary-style definitions, eac
 every visit. The objective is MDLM's (masked tokens, cross-entropy weighted by 1/t) plus a cross-entropy on the
 *unmasked* tokens (``unmasked_weight``): without it the last block's states at unmasked positions receive no
 gradient at all (they only feed logits that the loss ignores), and t = 0 features, which are all unmasked
-positions, come out worse than a random initialisation's (see the model card).
+positions, are a by-product. Token embeddings start at N(0, 1) (``embed_std``) so that a word's own vector is
+not drowned by the blocks' updates. The model cards hold the evidence for both.
 """
 
 import argparse
@@ -60,8 +63,8 @@ MDLM_CONFIG = dict(hidden_dim=128, cond_dim=64, n_blocks=6, n_heads=4, model_len
 VOCAB_SIZE = 2000
 SPECIAL = ["[PAD]", "[MASK]", "[UNK]"]
 
-# Default recipes per (model, device). CPU: about 40 minutes of one thread each; CUDA: about a minute each on
-# one H100 (see the model cards for the measured times).
+# Default recipes per (model, device). CPU: under 40 minutes of CPU time each (one thread); CUDA: about a minute
+# each end to end on one H200 with the --budget-s of the commands above (launch-bound: ~40 ms per step).
 RECIPES = {
     ("dit", "cpu"): dict(steps=2200, batch_size=64, lr=1e-3, warmup=100, ema=0.999, t_power=1.0, schedule="cosine"),
     ("dit", "cuda"): dict(steps=1300, batch_size=512, lr=1e-3, warmup=200, ema=0.9995, t_power=1.0, schedule="cosine"),
