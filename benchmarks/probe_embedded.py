@@ -19,7 +19,6 @@ Ablations (one model's held-out grid): ... --only text --text-model DIR --skip-u
 """
 
 import argparse
-import shutil
 import tempfile
 import time
 import warnings
@@ -28,36 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from sklearn_difffeat import DiTFeatureExtractor, TextDiffusionFeatureExtractor
 from sklearn_difffeat.backbones._hub import EMBEDDED_DIR
 from sklearn_difffeat.datasets import load_fashion_mosaics
+from sklearn_difffeat.demo import PROBE_C, linear_probe, untrained_copy
 from sklearn_difffeat.metrics import mean_average_precision
 
 IMAGE_TIMESTEPS = [0, 50, 100, 200, 300, 500, 700, 900]  # the demo's grid
 TEXT_TIMESTEPS = [0.0, 0.15, 0.3, 0.5, 0.7]
-C_IMAGE, C_TEXT = 0.1, 1.0
-
-
-def untrained_copy(source, kind, folder):
-    """A copy of a model folder with its weights replaced by a fresh seeded initialisation."""
-    shutil.copytree(source, folder)
-    torch.manual_seed(0)
-    if kind == "dit":
-        from diffusers import DiTTransformer2DModel
-
-        config = DiTTransformer2DModel.load_config(folder / "transformer")
-        DiTTransformer2DModel.from_config(config).save_pretrained(folder / "transformer")
-    else:
-        from sklearn_difffeat.backbones.mdlm import DDiTModel
-
-        DDiTModel(DDiTModel.from_pretrained(folder).config).save_pretrained(folder)
-    return str(folder)
+C_IMAGE, C_TEXT = PROBE_C["image"], PROBE_C["text"]
 
 
 def token_norms(folder, texts):
@@ -74,15 +54,10 @@ def token_norms(folder, texts):
         f"{'embedding' if b == 0 else f'block {b}'} {states[b][real].norm(dim=-1).mean():.2f}" for b in (0, 1, last))
 
 
-def probe(F_train, y_train, F_test, C):
-    clf = make_pipeline(StandardScaler(with_mean=False), OneVsRestClassifier(LogisticRegression(C=C, max_iter=500)))
-    return clf.fit(F_train, y_train).predict_proba(F_test)
-
-
 def cv_map(F, Y, C, folds=3):
     scores = []
     for fit, val in KFold(folds, shuffle=True, random_state=0).split(F):
-        scores.append(mean_average_precision(Y[val], probe(F[fit], Y[fit], F[val], C)))
+        scores.append(mean_average_precision(Y[val], linear_probe(F[fit], Y[fit], F[val], C)))
     return float(np.mean(scores))
 
 
@@ -101,7 +76,7 @@ class Grid:
         self.test_map, self.cv_map, self.proba = {}, {}, {}
         for i, b in enumerate(blocks):
             for j, t in enumerate(timesteps):
-                self.proba[b, t] = probe(F_train[:, i, j], train.Y, F_test[:, i, j], C)
+                self.proba[b, t] = linear_probe(F_train[:, i, j], train.Y, F_test[:, i, j], C)
                 self.test_map[b, t] = 100 * mean_average_precision(test.Y, self.proba[b, t])
                 if cv:
                     self.cv_map[b, t] = 100 * cv_map(F_train[:, i, j], train.Y, C)
@@ -187,10 +162,11 @@ def main():
         return
     text_blocks = grids["text", "trained"].blocks
 
-    pixels = probe(np.stack(train.data["image"]).reshape(args.n_train, -1) / 255.0, train.Y,
+    pixels = linear_probe(np.stack(train.data["image"]).reshape(args.n_train, -1) / 255.0, train.Y,
                    np.stack(test.data["image"]).reshape(args.n_test, -1) / 255.0, C_IMAGE)
     tfidf = TfidfVectorizer().fit(train.data["text"])
-    text_baseline = probe(tfidf.transform(train.data["text"]), train.Y, tfidf.transform(test.data["text"]), C_TEXT)
+    text_baseline = linear_probe(tfidf.transform(train.data["text"]), train.Y, tfidf.transform(test.data["text"]),
+                                 C_TEXT)
     raw, tf = (100 * mean_average_precision(test.Y, p) for p in (pixels, text_baseline))
 
     def at(grid, cell):

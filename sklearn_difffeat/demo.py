@@ -28,6 +28,8 @@ TSNE_FILE = "tsne_image_text_fused.png"
 # defaults, because the demo fits it some 330 times (candidates x folds) on 2 CPU cores. The held-out table's
 # models use the defaults.
 SEARCH_HEAD = {"projection_dim": 256, "max_epochs": 20}
+# Inverse regularisation of the linear probes (the model cards' probe): stronger for the wide image inputs.
+PROBE_C = {"image": 0.1, "text": 1.0}
 
 
 def build_pipeline(cache, image=True, text=True, fusion_params=None, verbose=0):
@@ -254,6 +256,9 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
     say("t-SNE of the held-out features ...")
     tsne, colouring = _tsne(fused, test, best, output / TSNE_FILE)
 
+    say("linear probes of the features at the chosen (block, timestep) ...")
+    probes = _probes(fused, train, test, best)
+
     elapsed = time.perf_counter() - start_time
     summary = {
         "n_train": n_train,
@@ -275,6 +280,7 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
         "reload_identical": identical,
         "figures": {"heatmap": str(heatmap), "tsne": str(tsne)},
         "tsne_colouring": colouring,
+        "probes": probes,
         "seconds": elapsed,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -282,6 +288,71 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
     if not identical:
         raise RuntimeError("The reloaded pipeline's predictions differ from the fitted one's.")
     return summary
+
+
+def linear_probe(F_train, Y_train, F_test, C):
+    """Held-out probabilities of a linear probe: scaling (no centring, so sparse inputs work) + one-vs-rest
+    logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(with_mean=False), OneVsRestClassifier(LogisticRegression(C=C, max_iter=500)))
+    return clf.fit(F_train, Y_train).predict_proba(F_test)
+
+
+def untrained_copy(source, kind, folder):
+    """Copy a model folder to ``folder`` with its weights replaced by a fresh initialisation (seed 0)."""
+    import shutil
+
+    import torch
+
+    folder = Path(folder)
+    shutil.copytree(source, folder)
+    torch.manual_seed(0)
+    if kind == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        config = DiTTransformer2DModel.load_config(folder / "transformer")
+        DiTTransformer2DModel.from_config(config).save_pretrained(folder / "transformer")
+    else:
+        from .backbones.mdlm import DDiTModel
+
+        DDiTModel(DDiTModel.from_pretrained(folder).config).save_pretrained(folder)
+    return str(folder)
+
+
+def _probes(model, train, test, best):
+    """Held-out mAP of linear probes at the chosen (block, timestep): what the diffusion features carry,
+    against raw pixels, TF-IDF and the text model's own untrained copy (how much its training added)."""
+    import tempfile
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from . import TextDiffusionFeatureExtractor
+    from .backbones._hub import EMBEDDED_DIR
+    from .metrics import mean_average_precision
+
+    def score(F_train, F_test, kind):
+        return float(mean_average_precision(test.Y, linear_probe(F_train, train.Y, F_test, PROBE_C[kind])))
+
+    features = model["features"]
+    F_train, F_test = features.transform(train.data), features.transform(test.data)
+    scores = {kind: score(F_train.filter(regex=f"^{kind}__").to_numpy(), F_test.filter(regex=f"^{kind}__").to_numpy(),
+                          kind) for kind in ("image", "text")}
+    pixels = [np.stack(split.data["image"]).reshape(len(split.Y), -1) / 255.0 for split in (train, test)]
+    scores["raw pixels"] = score(*pixels, "image")
+    tfidf = TfidfVectorizer().fit(train.data["text"])
+    scores["TF-IDF"] = score(tfidf.transform(train.data["text"]), tfidf.transform(test.data["text"]), "text")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = untrained_copy(EMBEDDED_DIR / TEXT_MODEL.split(":")[1], "mdlm", Path(tmp) / "text")
+        untrained = TextDiffusionFeatureExtractor(
+            copy, block=best["features__text__block"], timestep=best["features__text__timestep"], batch_size=128
+        ).fit(None)
+        scores["text, untrained copy"] = score(untrained.transform(train.data["text"]),
+                                               untrained.transform(test.data["text"]), "text")
+    return scores
 
 
 def _head(pipeline):
@@ -308,6 +379,12 @@ def _print_table(summary, model_path):
         f"local search: {summary['evaluations']} evaluations of {summary['grid_size']} grid points "
         f"({100 * summary['evaluations'] / summary['grid_size']:.1f}%), "
         f"stopped {'at a local optimum' if summary['stopped'] == 'local_optimum' else 'at max_evaluations'}"
+    )
+    probes = summary["probes"]
+    print(
+        f"linear probes, held-out mAP: image features {100 * probes['image']:.1f} (raw pixels "
+        f"{100 * probes['raw pixels']:.1f}); text features {100 * probes['text']:.1f} (untrained copy "
+        f"{100 * probes['text, untrained copy']:.1f}, TF-IDF {100 * probes['TF-IDF']:.1f})"
     )
     g = summary["image_grid_best"]
     print(

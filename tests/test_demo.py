@@ -106,6 +106,11 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert 1 <= summary["evaluations"] <= 3
     assert f"local search: {summary['evaluations']} evaluations of {summary['grid_size']} grid points" in out
     assert f"reloaded predictions identical: {summary['reload_identical']}" in out
+    probes = {k: 100 * v for k, v in summary["probes"].items()}
+    assert (f"linear probes, held-out mAP: image features {probes['image']:.1f} (raw pixels "
+            f"{probes['raw pixels']:.1f}); text features {probes['text']:.1f} (untrained copy "
+            f"{probes['text, untrained copy']:.1f}, TF-IDF {probes['TF-IDF']:.1f})") in out
+    assert all(0 < v <= 100 for v in probes.values())
 
     # The saved pipeline predicts the held-out split as the table says, and as the same pipeline refitted here
     # from the chosen parameters (training is seeded, so the two must agree exactly).
@@ -152,6 +157,21 @@ def test_demo_quiet_prints_the_results_only_and_verbose_the_detail(tmp_path, mon
     assert {"DiTFeatureExtractor", "TextDiffusionFeatureExtractor"} <= _bars(err)
     assert "BlockTimestepSearchCV" not in _bars(err)  # its per-step lines replace the bar
     assert "[BlockTimestepSearchCV] step 1:" in out and "Fitting 2 folds for each of" in out
+
+
+def test_untrained_copy_is_a_fresh_model_whose_blocks_start_as_the_identity(tmp_path):
+    # DDiT's adaLN gates start at zero, so every block of a freshly initialised model passes its input through:
+    # the copy's features are the same at every block, and differ from the trained model's.
+    from sklearn_difffeat.backbones._hub import EMBEDDED_DIR
+    from sklearn_difffeat.demo import untrained_copy
+
+    texts = ["a sneaker and a bag", "two dresses", "a coat"]
+    copy = untrained_copy(EMBEDDED_DIR / "fashion-mdlm", "mdlm", tmp_path / "copy")
+    first, last = (TextDiffusionFeatureExtractor(copy, block=b, timestep=0.0).fit(None).transform(texts)
+                   for b in (1, -1))
+    np.testing.assert_allclose(first, last, rtol=1e-5, atol=1e-6)
+    trained = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", block=1, timestep=0.0).fit(None).transform(texts)
+    assert not np.allclose(first, trained, atol=1e-3)
 
 
 def test_demo_counts_long_captions_without_the_tokenizers_warning():
