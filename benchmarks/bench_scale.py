@@ -16,6 +16,7 @@ import platform
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from sklearn_difffeat import DiTFeatureExtractor, extract
@@ -28,7 +29,8 @@ def timed_extract(images, client, shard_size, **params) -> float:
         result = extract(DiTFeatureExtractor("embedded:fashion-dit", **params), images, store, client=client,
                          shard_size=shard_size, progress=False)
         seconds = time.perf_counter() - start
-        assert result.computed == len(images) and not result.failed
+        # Every input has its features (repeated mosaics are computed once, so `computed` may be below n).
+        assert not result.failed and np.isfinite(result.features()).all()
     return seconds
 
 
