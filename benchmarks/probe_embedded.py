@@ -6,6 +6,7 @@ random_state=0)`` / ``(500, split="test", random_state=0)``):
 - image: mean-pooled DiT features over the whole (block, timestep) grid of the demo, trained and at random
   initialisation (same architecture), against raw pixels;
 - text: mean-pooled text-model features over (block, timestep), trained and untrained, against TF-IDF;
+- the DiT's CV-chosen cell with every token kept and with a max over positions (what the mean loses);
 - late fusion (averaged probabilities) of the image and text probes;
 - for each text model, the mean norm of the token states at t = 0 (embedding, block 1, last block).
 
@@ -163,7 +164,7 @@ def main():
     text_blocks = grids["text", "trained"].blocks
 
     pixels = linear_probe(np.stack(train.data["image"]).reshape(args.n_train, -1) / 255.0, train.Y,
-                   np.stack(test.data["image"]).reshape(args.n_test, -1) / 255.0, C_IMAGE)
+                          np.stack(test.data["image"]).reshape(args.n_test, -1) / 255.0, C_IMAGE)
     tfidf = TfidfVectorizer().fit(train.data["text"])
     text_baseline = linear_probe(tfidf.transform(train.data["text"]), train.Y, tfidf.transform(test.data["text"]),
                                  C_TEXT)
@@ -188,6 +189,12 @@ def main():
             (f"text untrained, CV-chosen (block {text_u.chosen[0]}, t {text_u.chosen[1]:g})", text_u.score),
             ("text untrained, last block, t 0", at(text_u, last)),
         ]
+    # What the mean over positions loses: the same cell with every token kept, and with a max over positions.
+    for pooling in ("none", "max"):
+        ext = DiTFeatureExtractor(args.dit_model, block=image.chosen[0], timestep=image.chosen[1], pooling=pooling,
+                                  batch_size=250).fit(None)
+        proba = linear_probe(ext.transform(train.data["image"]), train.Y, ext.transform(test.data["image"]), C_IMAGE)
+        rows.insert(3, (f"DiT trained, same cell, pooling={pooling}", 100 * mean_average_precision(test.Y, proba)))
     fused = (image.proba[image.chosen] + text.proba[text.chosen]) / 2
     rows.append(("late fusion: DiT and text (both CV-chosen)", 100 * mean_average_precision(test.Y, fused)))
     fused_tfidf = (image.proba[image.chosen] + text_baseline) / 2
