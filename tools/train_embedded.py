@@ -268,10 +268,13 @@ def train_dit(args):
     if mismatch > 1.5 / 127.5:  # more than one uint8 level: not the extractor's preprocessing
         raise RuntimeError("the on-device resize does not reproduce the extractor's preprocessing")
 
-    model = DiTTransformer2DModel(**DIT_CONFIG).to(device)
+    config = dict(DIT_CONFIG)
+    if args.width is not None:  # an experiment: same depth and heads, wider (the shipped model keeps DIT_CONFIG)
+        config["attention_head_dim"] = args.width // config["num_attention_heads"]
+    model = DiTTransformer2DModel(**config).to(device)
     scheduler = DDPMScheduler(**DIT_SCHEDULES[recipe["schedule"]])
     abar = scheduler.alphas_cumprod.float().to(device)
-    log(f"DiT config {DIT_CONFIG}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    log(f"DiT config {config}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     # Training mode only matters for label dropout, and every label is the null label anyway.
     model.train()
     steps, batch = recipe["steps"], recipe["batch_size"]
@@ -535,6 +538,8 @@ def main(argv=None):
                              "(at most --steps) fitted to the budget; the default runs exactly --steps")
     parser.add_argument("--n-test", type=int, default=256, help="test mosaics for the logged test losses")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--width", type=int, default=None,
+                        help="DiT: width (a multiple of its 4 heads) instead of the shipped 128")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
