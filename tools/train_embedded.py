@@ -542,6 +542,9 @@ def main(argv=None):
                         help="DiT: width (a multiple of its 4 heads) instead of the shipped 128")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = parser.parse_args(argv)
+    heads = DIT_CONFIG["num_attention_heads"]
+    if args.width is not None and (args.width <= 0 or args.width % heads):
+        parser.error(f"--width must be a positive multiple of the DiT's {heads} heads, got {args.width}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:  # leave the caller's thread count and CPU random state alone (tests call main() in-process)
