@@ -30,10 +30,8 @@ import time
 import warnings
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import KFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -158,13 +156,9 @@ def run_demo(args):
 
 
 def run_yeast(args):
-    from river import datasets
+    from bench_fusion_yeast import load_yeast  # the benchmarks folder is on sys.path when run as a script
 
-    labels = [f"Class{i}" for i in range(1, 15)]
-    df = pd.read_csv(datasets.Yeast().path)
-    X = df.drop(columns=labels).to_numpy(np.float32)
-    Y = df[labels].to_numpy()
-    folds = list(KFold(5, shuffle=True, random_state=0).split(X))
+    X, Y, folds = load_yeast()
     print(
         f"\n== MULAN yeast {X.shape[0]} x {X.shape[1]}, {Y.shape[1]} labels, 5-fold KFold(shuffle, random_state=0), "
         f"features split 50 + 53 into two modalities; mAP over the folds, mean +- std over seeds {args.seeds}"

@@ -27,6 +27,15 @@ from sklearn_difffeat.fusion import FusionClassifier
 from sklearn_difffeat.metrics import multilabel_report
 
 
+def load_yeast():
+    """MULAN yeast (shipped inside the river wheel: no network): features, label matrix, the 5 shuffled folds."""
+    labels = [f"Class{i}" for i in range(1, 15)]
+    df = pd.read_csv(datasets.Yeast().path)
+    X = df.drop(columns=labels).to_numpy(np.float32)
+    Y = df[labels].to_numpy()
+    return X, Y, list(KFold(5, shuffle=True, random_state=0).split(X))
+
+
 def evaluate(make_model, X, Y, folds):
     scores, models, fit_s = [], [], 0.0
     for tr, te in folds:
@@ -49,11 +58,7 @@ def main():
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)  # numpy/scipy BLAS used by the logistic regression baseline
 
-    labels = [f"Class{i}" for i in range(1, 15)]
-    df = pd.read_csv(datasets.Yeast().path)
-    X = df.drop(columns=labels).to_numpy(np.float32)
-    Y = df[labels].to_numpy()
-    folds = list(KFold(5, shuffle=True, random_state=0).split(X))
+    X, Y, folds = load_yeast()
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
