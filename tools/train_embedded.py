@@ -150,6 +150,17 @@ class Trainer:
             decay = min(self.ema_decay, (1 + step) / (10 + step))  # short memory early on
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
 
+    def finish(self, log, what, test_losses, seen, t0, t_start, cpu0):
+        """Log the final test losses (switching to the EMA weights, which are saved, if any) and the compute used:
+        training wall time since ``t0``, CPU time since ``cpu0`` on CPU, total time since ``t_start``."""
+        log(f"final {what}: {test_losses()}")
+        if self.ema is not None:
+            self.use_ema()
+            log(f"final {what}, EMA weights (saved): {test_losses()}")
+        threads = (f" on {torch.get_num_threads()} thread(s), {time.process_time() - cpu0:.0f} s of CPU time"
+                   if self.device.type == "cpu" else "")
+        log(f"training wall time {time.time() - t0:.0f} s{threads}; {seen} seen; total {time.time() - t_start:.0f} s")
+
     def use_ema(self):
         """Copy the EMA weights into the model (at the end of training)."""
         if self.ema is not None:
@@ -308,14 +319,7 @@ def train_dit(args):
             log(f"step {step:5d}/{trainer.steps}  loss {torch.stack(window).mean().item():.4f}  "
                 f"lr {trainer.lr:.2e}  {time.time() - t0:.0f} s")
             window = []
-    log(f"final test loss: {test_losses()}")
-    if trainer.ema is not None:
-        trainer.use_ema()
-        log(f"final test loss, EMA weights (saved): {test_losses()}")
-    threads = (f" on {torch.get_num_threads()} thread(s), {time.process_time() - cpu0:.0f} s of CPU time"
-               if device.type == "cpu" else "")
-    log(f"training wall time {time.time() - t0:.0f} s{threads}; {trainer.steps * batch} mosaics seen; "
-        f"total {time.time() - t_start:.0f} s")
+    trainer.finish(log, "test loss", test_losses, f"{trainer.steps * batch} mosaics", t0, t_start, cpu0)
 
     out = Path(args.out or EMBEDDED / "fashion-dit")
     out.mkdir(parents=True, exist_ok=True)
@@ -498,14 +502,8 @@ def train_mdlm(args):
                 f"masked CE {torch.stack(wce).mean().item():.4f}  lr {trainer.lr:.2e}  {time.time() - t0:.0f} s"
             )
             window, wce = [], []
-    log(f"final test CE on masked tokens: {test_losses()}")
-    if trainer.ema is not None:
-        trainer.use_ema()
-        log(f"final test CE on masked tokens, EMA weights (saved): {test_losses()}")
-    threads = (f" on {torch.get_num_threads()} thread(s), {time.process_time() - cpu0:.0f} s of CPU time"
-               if device.type == "cpu" else "")
-    log(f"training wall time {time.time() - t0:.0f} s{threads}; {trainer.steps * batch} texts seen; "
-        f"total {time.time() - t_start:.0f} s")
+    trainer.finish(log, "test CE on masked tokens", test_losses, f"{trainer.steps * batch} texts", t0, t_start,
+                   cpu0)
     # fp16 halves the shipped size; DDiTModel.from_pretrained copies the weights into float32 parameters.
     model.to("cpu").eval().half().save_pretrained(out)
     log(f"saved to {out}")
