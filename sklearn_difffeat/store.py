@@ -24,6 +24,7 @@ segments and drops the duplicates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,7 +58,6 @@ def stable_hash(*parts, size: int = 10) -> str:
 
 def _locked(method):
     """Run a FeatureStore method under the store's lock."""
-    import functools
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -191,22 +191,22 @@ class FeatureStore:
                 out[folder.name] = {}
         return out
 
+    @_locked
     def count(self, namespace: str) -> int:
         """Number of distinct keys stored in the namespace's complete segments."""
-        with self._lock:
-            return len(self._refresh(namespace).sorted_keys)
+        return len(self._refresh(namespace).sorted_keys)
 
+    @_locked
     def keys(self, namespace: str) -> np.ndarray:
         """The distinct keys stored in the namespace (sorted, as ASCII bytes)."""
-        with self._lock:
-            return self._refresh(namespace).sorted_keys.copy()
+        return self._refresh(namespace).sorted_keys.copy()
 
+    @_locked
     def contains(self, namespace: str, keys) -> np.ndarray:
         """Boolean mask: which keys have a row in the namespace (not yet checked for damage)."""
-        keys = as_keys(keys)
-        with self._lock:
-            return self._refresh(namespace).locate(keys)[0]
+        return self._refresh(namespace).locate(as_keys(keys))[0]
 
+    @_locked
     def read(self, namespace: str, keys, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(values, found)``: float32 rows ``(len(keys), width)`` for the keys that are stored, and which are.
 
@@ -215,10 +215,6 @@ class FeatureStore:
         count as absent.
         """
         keys = as_keys(keys)
-        with self._lock:
-            return self._read(namespace, keys, width)
-
-    def _read(self, namespace, keys, width):
         ns = self._refresh(namespace)
         for _attempt in range(2):  # a segment found damaged is dropped, and the lookup repeated once
             found, segment_ids, rows = ns.locate(keys)
