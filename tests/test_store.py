@@ -113,12 +113,12 @@ def read_only(folder, monkeypatch):
     folder.mkdir(exist_ok=True)
     folder.chmod(0o500)
     if os.access(folder, os.W_OK):
-        from sklearn_difffeat.store import _store
+        from sklearn_difffeat.store import _format
 
         def denied(path, payload):
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr(_store, "_write_atomic", denied)
+        monkeypatch.setattr(_format, "write_atomic", denied)
 
 
 def test_unwritable_folder_raises_a_store_error(tmp_path, monkeypatch):
