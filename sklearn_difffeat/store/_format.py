@@ -197,7 +197,10 @@ def remove_abandoned(folder: Path, older_than: float) -> None:
     ago or earlier: their writers are gone."""
     now = time.time()
     for path in folder.iterdir():
-        stale = now - path.stat().st_mtime > older_than
+        try:
+            stale = now - path.stat().st_mtime > older_than
+        except FileNotFoundError:  # a writer renamed its temporary file into place (or removed it) meanwhile
+            continue
         orphan = path.suffix == ".npy" and not path.with_suffix(".json").exists()
         if stale and (path.name.startswith(".") or orphan):
             path.unlink(missing_ok=True)
