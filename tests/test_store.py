@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from sklearn_difffeat import FeatureStore
-from sklearn_difffeat.store import StoreWriteError
+from sklearn_difffeat.store import StoreWriteError, _format
+from sklearn_difffeat.store._index import NamespaceIndex
 
 
 def keys(*ids):
@@ -115,8 +116,6 @@ def read_only(folder, monkeypatch):
     folder.mkdir(exist_ok=True)
     folder.chmod(0o500)
     if os.access(folder, os.W_OK):
-        from sklearn_difffeat.store import _format
-
         def denied(path, payload):
             raise PermissionError(13, "Permission denied", str(path))
 
@@ -290,3 +289,65 @@ def test_compact_while_threads_read_and_write(tmp_path, tight_thread_switching):
     indexes = [p for p in (tmp_path / "ns").glob("*.json") if p.name != "namespace.json"]
     assert len(indexes) == 6 and sum(json.loads(p.read_text())["rows"] for p in indexes) == 300
     check_read(FeatureStore(tmp_path), everything, must_find=300)
+
+
+# ---- the format and the index on their own -------------------------------------------------------------------
+def test_segment_file_round_trip_and_checksum(tmp_path):
+    values = rows(0, 1, 2, width=5)
+    name = _format.write_segment(tmp_path, keys(0, 1, 2), values)
+    assert sorted(os.listdir(tmp_path)) == [f"{name}.json", f"{name}.npy"]  # no temporary file left behind
+    segment = _format.load_index(tmp_path / f"{name}.json")
+    assert (segment.name, segment.width, segment.data) == (name, 5, tmp_path / f"{name}.npy")
+    assert segment.keys.tolist() == keys(0, 1, 2).tolist()
+    assert segment.sha256 == hashlib.sha256(values.tobytes()).hexdigest()
+    np.testing.assert_array_equal(_format.open_data(segment, verify=True), values)
+
+    with open(segment.data, "r+b") as handle:  # flip one bit of the last value: same shape, other data
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)[0]
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last ^ 0x01]))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        _format.open_data(segment, verify=True)
+    unchecked = np.array(_format.open_data(segment, verify=False))  # only the checksum can tell
+    assert unchecked.shape == values.shape and (unchecked != values).sum() == 1
+
+
+def test_index_without_data_or_field_is_refused(tmp_path):
+    name = _format.write_segment(tmp_path, keys(0), rows(0))
+    index = json.loads((tmp_path / f"{name}.json").read_text())
+    (tmp_path / "partial.json").write_text(json.dumps({k: v for k, v in index.items() if k != "sha256"}))
+    (tmp_path / "partial.npy").write_bytes((tmp_path / f"{name}.npy").read_bytes())
+    with pytest.raises(ValueError, match="'sha256' is missing"):
+        _format.load_index(tmp_path / "partial.json")
+    (tmp_path / f"{name}.npy").unlink()
+    with pytest.raises(ValueError, match="data file is missing"):
+        _format.load_index(tmp_path / f"{name}.json")
+
+
+def test_index_locates_keys_like_a_dict(tmp_path):
+    rng = np.random.default_rng(0)
+    pool = keys(*range(300))  # keys 200..299 are never stored
+    truth: dict[bytes, set] = {}  # key -> every (segment name, row) that holds it
+    segments = []
+    for s in range(8):
+        chosen = pool[rng.choice(200, size=int(rng.integers(1, 60)), replace=False)]  # segments overlap
+        segments.append(_format.Segment(f"s{s}", tmp_path / f"s{s}.npy", chosen, 4, ""))
+        for row, key in enumerate(chosen.tolist()):
+            truth.setdefault(key, set()).add((f"s{s}", row))
+    index = NamespaceIndex(tmp_path)
+    index.add(segments[:5])
+    index.add(segments[5:])
+
+    def agrees(index, truth):
+        query = pool[rng.permutation(len(pool))]
+        found, where, row = index.locate(query)
+        for key, hit, s, r in zip(query.tolist(), found, where, row):
+            assert hit == (key in truth)
+            assert not hit or (index.segments[s].name, r) in truth[key]
+        assert index.sorted_keys.tolist() == sorted(truth)
+
+    agrees(index, truth)
+    index.drop([2, 6])  # keys held only by the dropped segments become absent
+    truth = {k: {loc for loc in v if loc[0] not in ("s2", "s6")} for k, v in truth.items()}
+    agrees(index, {k: v for k, v in truth.items() if v})
