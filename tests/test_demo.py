@@ -1,5 +1,6 @@
 """The embedded models through the public API, and the end-to-end demo on a small sample."""
 
+import contextlib
 import functools
 import json
 import re
@@ -69,6 +70,25 @@ def _demo(monkeypatch, cache, *argv):
     assert __main__.main(["demo", *argv]) == 0
 
 
+@contextlib.contextmanager
+def _threads(n):
+    """Torch and the numerical libraries on ``n`` CPU threads, as the demo runs them (``--threads``), then as before.
+
+    Float reductions split over another number of threads add in another order, so a refit must run on the
+    demo's thread count to reproduce its predictions bit for bit.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _table(out):
     """{row: (mAP, CF1, OF1)} as printed, in percent."""
     rows = {}
@@ -84,6 +104,7 @@ def _bars(err):
     return {m.group(1) for m in re.finditer(r"(?:^|[\r\n])([A-Za-z]\w*): +\d+%\|", err)}
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_cache):
     import torch
 
@@ -113,7 +134,8 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert all(0 < v <= 100 for v in probes.values())
 
     # The saved pipeline predicts the held-out split as the table says, and as the same pipeline refitted here
-    # from the chosen parameters (training is seeded, so the two must agree exactly).
+    # from the chosen parameters (training is seeded and runs on the demo's one thread, so the two must agree
+    # exactly).
     from sklearn_difffeat.demo import build_pipeline
 
     test = load_fashion_mosaics(30, split="test", random_state=0)
@@ -123,7 +145,9 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert multilabel_report(test.Y, proba)["mAP"] == pytest.approx(summary["held_out"]["fused"]["mAP"])
     chosen = {f"features__{k}": v for k, v in summary["chosen"].items()}
     refit = build_pipeline(str(demo_cache), fusion_params=SMALL["fusion_params"]).set_params(**chosen)
-    np.testing.assert_array_equal(refit.fit(train.data, train.Y).predict_proba(test.data), proba)
+    with _threads(1):  # the demo's default (no --threads above)
+        refitted = refit.fit(train.data, train.Y).predict_proba(test.data)
+    np.testing.assert_array_equal(refitted, proba)
     assert summary["reload_identical"] is True
 
     # The two figures: real PNGs at their documented sizes (7 x 5 in at 120 dpi, 12 x 4.6 in at 100 dpi).
@@ -142,6 +166,7 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert "Fitting" not in out + err and "Warning" not in err
 
 
+@pytest.mark.slow
 def test_demo_quiet_prints_the_results_only_and_verbose_the_detail(tmp_path, monkeypatch, capfd, demo_cache):
     _demo(monkeypatch, demo_cache, *SIZE, "--output", str(tmp_path / "quiet"), "--quiet")
     out, err = capfd.readouterr()
