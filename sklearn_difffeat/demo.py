@@ -302,27 +302,6 @@ def linear_probe(F_train, Y_train, F_test, C):
     return clf.fit(F_train, Y_train).predict_proba(F_test)
 
 
-def untrained_copy(source, kind, folder):
-    """Copy a model folder to ``folder`` with its weights replaced by a fresh initialisation (seed 0)."""
-    import shutil
-
-    import torch
-
-    folder = Path(folder)
-    shutil.copytree(source, folder)
-    torch.manual_seed(0)
-    if kind == "dit":
-        from diffusers import DiTTransformer2DModel
-
-        config = DiTTransformer2DModel.load_config(folder / "transformer")
-        DiTTransformer2DModel.from_config(config).save_pretrained(folder / "transformer")
-    else:
-        from .backbones.mdlm import DDiTModel
-
-        DDiTModel(DDiTModel.from_pretrained(folder).config).save_pretrained(folder)
-    return str(folder)
-
-
 def _probes(model, train, test, best):
     """Held-out mAP of linear probes at the chosen (block, timestep): what the diffusion features carry,
     against raw pixels, TF-IDF and the text model's own untrained copy (how much its training added)."""
@@ -331,7 +310,8 @@ def _probes(model, train, test, best):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     from . import TextDiffusionFeatureExtractor
-    from .backbones._hub import EMBEDDED_DIR
+    from .backbones import resolve_model_dir
+    from .backbones.untrained import untrained_copy
     from .metrics import mean_average_precision
 
     def score(F_train, F_test, kind):
@@ -346,7 +326,7 @@ def _probes(model, train, test, best):
     tfidf = TfidfVectorizer().fit(train.data["text"])
     scores["TF-IDF"] = score(tfidf.transform(train.data["text"]), tfidf.transform(test.data["text"]), "text")
     with tempfile.TemporaryDirectory() as tmp:
-        copy = untrained_copy(EMBEDDED_DIR / TEXT_MODEL.split(":")[1], "mdlm", Path(tmp) / "text")
+        copy = untrained_copy(resolve_model_dir(TEXT_MODEL), "mdlm", Path(tmp) / "text")
         untrained = TextDiffusionFeatureExtractor(
             copy, block=best["features__text__block"], timestep=best["features__text__timestep"], batch_size=128
         ).fit(None)

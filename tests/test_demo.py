@@ -187,8 +187,7 @@ def test_demo_quiet_prints_the_results_only_and_verbose_the_detail(tmp_path, mon
 def test_untrained_copy_is_a_fresh_model_whose_blocks_start_as_the_identity(tmp_path):
     # DDiT's adaLN gates start at zero, so every block of a freshly initialised model passes its input through:
     # the copy's features are the same at every block, and differ from the trained model's.
-    from sklearn_difffeat.backbones._hub import EMBEDDED_DIR
-    from sklearn_difffeat.demo import untrained_copy
+    from sklearn_difffeat.backbones.untrained import untrained_copy
 
     texts = ["a sneaker and a bag", "two dresses", "a coat"]
     copy = untrained_copy(EMBEDDED_DIR / "fashion-mdlm", "mdlm", tmp_path / "copy")
@@ -197,6 +196,14 @@ def test_untrained_copy_is_a_fresh_model_whose_blocks_start_as_the_identity(tmp_
     np.testing.assert_allclose(first, last, rtol=1e-5, atol=1e-6)
     trained = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", block=1, timestep=0.0).fit(None).transform(texts)
     assert not np.allclose(first, trained, atol=1e-3)
+
+
+def test_untrained_copy_rejects_an_unknown_kind_before_copying(tmp_path):
+    from sklearn_difffeat.backbones.untrained import untrained_copy
+
+    with pytest.raises(ValueError, match=r"kind must be one of \('dit', 'mdlm'\), got 'bert'"):
+        untrained_copy(EMBEDDED_DIR / "fashion-mdlm", "bert", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
 
 
 def test_demo_counts_long_captions_without_the_tokenizers_warning():
