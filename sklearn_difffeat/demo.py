@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import time
 import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import joblib
@@ -83,24 +85,11 @@ def _branch_params(params, branch):
     return {k: v for k, v in params.items() if k.startswith(f"features__{branch}__")}
 
 
-def run_demo(
-    n_train=1000,
-    n_test=500,
-    output="demo_output",
-    cv=3,
-    verbose=1,
-    *,
-    image_timesteps=IMAGE_TIMESTEPS,
-    text_timesteps=TEXT_TIMESTEPS,
-    max_evaluations=None,
-    search_fusion_params=SEARCH_HEAD,
-    fusion_params=None,
-    cache=None,
-    n_threads=1,
-):
-    """Run the demo; return its summary dict (also written to ``output/summary.json``).
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs on and how. The defaults are the documented demo (``python -m sklearn_difffeat demo``).
 
-    Parameters
+    Attributes
     ----------
     n_train, n_test : int, default=1000, 500
         Mosaics in the training and held-out splits.
@@ -113,7 +102,7 @@ def run_demo(
         0: only the results (the table, the files written). 1: also what the demo is doing and one progress
         bar for the search. 2: also the extractors' progress bars, the search's line per step and
         scikit-learn's messages.
-    image_timesteps, text_timesteps : sequence, default=IMAGE_TIMESTEPS, TEXT_TIMESTEPS
+    image_timesteps, text_timesteps : tuple, default=IMAGE_TIMESTEPS, TEXT_TIMESTEPS
         The timestep axes of the search (and of the heatmap); the block axes are every block of each model.
     max_evaluations : int or None, default=None
         Passed to BlockTimestepSearchCV; None lets the search run to its local optimum.
@@ -129,9 +118,56 @@ def run_demo(
         CPU threads of torch and of the numerical libraries while the demo runs (restored afterwards); None
         leaves them as they are.
     """
+
+    n_train: int = 1000
+    n_test: int = 500
+    output: str | Path = "demo_output"
+    cv: int = 3
+    verbose: int = 1
+    image_timesteps: tuple = IMAGE_TIMESTEPS
+    text_timesteps: tuple = TEXT_TIMESTEPS
+    max_evaluations: int | None = None
+    search_fusion_params: dict | None = field(default_factory=lambda: dict(SEARCH_HEAD))
+    fusion_params: dict | None = None
+    cache: str | Path | None = None
+    n_threads: int | None = 1
+
+    def __post_init__(self):
+        for name, minimum in (("n_train", 1), ("n_test", 1), ("cv", 2), ("verbose", 0), ("n_threads", 1)):
+            value = getattr(self, name)
+            if name == "n_threads" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"DemoSettings.{name} must be an int >= {minimum}, got {value!r}.")
+        for name in ("image_timesteps", "text_timesteps"):
+            if len(getattr(self, name)) == 0:
+                raise ValueError(f"DemoSettings.{name} must hold at least one timestep.")
+
+
+def run_demo(settings=None, **overrides):
+    """Run the demo; return its summary dict (also written to ``settings.output/summary.json``).
+
+    Parameters
+    ----------
+    settings : DemoSettings or None, default=None
+        What to run; None is ``DemoSettings()``, the documented demo.
+    **overrides
+        Fields of :class:`DemoSettings` to change, e.g. ``run_demo(n_train=200, n_test=100)``.
+    """
     import torch
     from threadpoolctl import threadpool_limits
 
+    if settings is None:
+        settings = DemoSettings()
+    if not isinstance(settings, DemoSettings):
+        raise TypeError(
+            f"run_demo takes a DemoSettings (or keyword overrides of its fields), got {type(settings).__name__}."
+        )
+    unknown = sorted(set(overrides) - {f.name for f in fields(DemoSettings)})
+    if unknown:
+        raise TypeError(f"Unknown demo settings {unknown}; the settings are {[f.name for f in fields(DemoSettings)]}.")
+    settings = replace(settings, **overrides)
+    n_threads = settings.n_threads
     # One thread by default: the demo's work is some 400 small fits and batches, which gain little from threads,
     # while on cores shared with other processes each OpenMP thread waits for the others at every operation.
     # Measured on a 2-core machine with other work running: one 256-wide head fit took 0.2 s with 1 thread and
@@ -143,11 +179,7 @@ def run_demo(
         if n_threads is not None:
             torch.set_num_threads(n_threads)
         with warnings.catch_warnings(), limits:
-            return _run_demo(
-                n_train, n_test, Path(output), cv, verbose, list(image_timesteps), list(text_timesteps),
-                max_evaluations, search_fusion_params, fusion_params,
-                str(cache if cache is not None else Path(output) / "cache"),
-            )
+            return _run_demo(settings)
     finally:
         torch.set_num_threads(previous)
 
@@ -162,14 +194,18 @@ def _truncated_captions(backbone, texts):
     return sum(len(i) > backbone.max_length for i in ids)
 
 
-def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timesteps, max_evaluations,
-              search_fusion_params, fusion_params, cache):
+def _run_demo(settings):
     from sklearn.model_selection import GridSearchCV, KFold
 
     from . import BlockTimestepSearchCV, DiTFeatureExtractor, TextDiffusionFeatureExtractor
     from .datasets import load_fashion_mosaics
     from .metrics import map_scorer, multilabel_report
 
+    n_train, n_test, cv, verbose = settings.n_train, settings.n_test, settings.cv, settings.verbose
+    image_timesteps, text_timesteps = list(settings.image_timesteps), list(settings.text_timesteps)
+    search_fusion_params, fusion_params = settings.search_fusion_params, settings.fusion_params
+    output = Path(settings.output)
+    cache = str(settings.cache if settings.cache is not None else output / "cache")
     start_time = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     say = print if verbose >= 1 else (lambda *a, **k: None)  # what the demo is doing; results always print
@@ -205,7 +241,7 @@ def _run_demo(n_train, n_test, output, cv, verbose, image_timesteps, text_timest
         cv=folds,
         scoring=map_scorer,
         random_state=0,
-        max_evaluations=max_evaluations,
+        max_evaluations=settings.max_evaluations,
         refit=False,  # the table's fused model is trained below, with the table's head
         verbose=verbose,  # 1: the one bar; 2: a line per step and scikit-learn's messages
     )

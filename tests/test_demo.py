@@ -1,6 +1,7 @@
 """The embedded models through the public API, and the end-to-end demo on a small sample."""
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -164,6 +165,39 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert out.startswith("data: 60 train / 30 test mosaics")
     assert _bars(err) == {"BlockTimestepSearchCV"}
     assert "Fitting" not in out + err and "Warning" not in err
+
+
+def test_demo_settings_defaults_overrides_and_bad_values(monkeypatch):
+    from sklearn_difffeat import __main__, demo
+
+    # The documented demo (README, the command line's defaults).
+    assert dataclasses.asdict(demo.DemoSettings()) == dict(
+        n_train=1000, n_test=500, output="demo_output", cv=3, verbose=1,
+        image_timesteps=(0, 50, 100, 200, 300, 500, 700, 900), text_timesteps=(0.0, 0.15, 0.3, 0.5, 0.7),
+        max_evaluations=None, search_fusion_params={"projection_dim": 256, "max_epochs": 20}, fusion_params=None,
+        cache=None, n_threads=1,
+    )
+
+    # The command line builds the settings from its options (--threads 0: the libraries' own thread count).
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert __main__.main(["demo", "--n-train", "7", "--cv", "4", "--output", "out", "--threads", "0", "--quiet"]) == 0
+    assert seen == [demo.DemoSettings(n_train=7, cv=4, output="out", verbose=0, n_threads=None)]
+    assert __main__.main(["demo", "--verbose"]) == 0
+    assert seen[1] == demo.DemoSettings(verbose=2)
+
+    for bad, match in ((dict(n_train=0), "n_train must be an int >= 1, got 0"), (dict(cv=1), "cv must be an int >= 2"),
+                       (dict(n_threads=1.5), "n_threads"), (dict(verbose=-1), "verbose"),
+                       (dict(text_timesteps=()), "text_timesteps must hold at least one")):
+        with pytest.raises(ValueError, match=match):
+            demo.DemoSettings(**bad)
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match=r"Unknown demo settings \['n_trian'\]"):
+        demo.run_demo(n_trian=5)
+    with pytest.raises(TypeError, match="run_demo takes a DemoSettings"):
+        demo.run_demo(1000)
+    with pytest.raises(ValueError, match="n_test"):
+        demo.run_demo(demo.DemoSettings(), n_test=-3)
 
 
 @pytest.mark.slow
