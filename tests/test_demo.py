@@ -245,7 +245,7 @@ def test_demo_counts_long_captions_without_the_tokenizers_warning():
 
     from transformers.utils import logging as hf_logging
 
-    from sklearn_difffeat.demo import _truncated_captions
+    from sklearn_difffeat.demo._run import truncated_captions
 
     # Held-out caption 183 (random_state=0) is the split's one caption over the text model's 64 tokens.
     texts = load_fashion_mosaics(184, split="test", random_state=0).data["text"].tolist()[180:]
@@ -260,7 +260,7 @@ def test_demo_counts_long_captions_without_the_tokenizers_warning():
     hf_logging.set_verbosity_warning()
     hf_root.addHandler(catcher)
     try:
-        assert _truncated_captions(backbone, texts) == 1
+        assert truncated_captions(backbone, texts) == 1
         assert not any("sequence length is longer" in r.getMessage() for r in records)
         backbone.tokenizer(texts)  # the same texts as transformers tokenizes them by default: it warns
         assert any("sequence length is longer" in r.getMessage() for r in records)
