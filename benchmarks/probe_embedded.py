@@ -31,9 +31,10 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.model_selection import KFold
 
 from sklearn_difffeat import DiTFeatureExtractor, TextDiffusionFeatureExtractor
-from sklearn_difffeat.backbones._hub import EMBEDDED_DIR
+from sklearn_difffeat.backbones import resolve_model_dir
+from sklearn_difffeat.backbones.untrained import untrained_copy
 from sklearn_difffeat.datasets import load_fashion_mosaics
-from sklearn_difffeat.demo import PROBE_C, linear_probe, untrained_copy
+from sklearn_difffeat.demo import PROBE_C, linear_probe
 from sklearn_difffeat.metrics import mean_average_precision
 
 IMAGE_TIMESTEPS = [0, 50, 100, 200, 300, 500, 700, 900]  # the demo's grid
@@ -110,8 +111,9 @@ class Grid:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dit-model", default=str(EMBEDDED_DIR / "fashion-dit"), help="DiT pipeline folder")
-    parser.add_argument("--text-model", default=str(EMBEDDED_DIR / "fashion-mdlm"), help="MDLM folder")
+    parser.add_argument("--dit-model", default=str(resolve_model_dir("embedded:fashion-dit")),
+                        help="DiT pipeline folder")
+    parser.add_argument("--text-model", default=str(resolve_model_dir("embedded:fashion-mdlm")), help="MDLM folder")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

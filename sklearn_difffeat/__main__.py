@@ -27,13 +27,14 @@ def main(argv=None):
     if args.command == "extract":
         return _extract_cli.run(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import DemoSettings, run_demo
 
         verbose = 0 if args.quiet else 2 if args.verbose else 1
-        run_demo(
+        settings = DemoSettings(
             n_train=args.n_train, n_test=args.n_test, output=args.output, cv=args.cv, verbose=verbose,
             n_threads=args.threads or None,
         )
+        run_demo(settings)
     return 0
 
 

@@ -11,8 +11,10 @@ from sklearn_difffeat.datasets import (
     _fashion,
     load_fashion_mosaics,
     load_fashion_sources,
+    load_fashion_vocabulary,
     mentioned_classes,
 )
+from sklearn_difffeat.extractors import image as image_extractor
 
 EMBEDDED = Path(_fashion.__file__).resolve().parents[1] / "embedded"
 
@@ -79,7 +81,7 @@ def test_captions_never_mention_absent_classes():
     assert 0.1 < np.mean([len(m) == 0 for m in mentions]) < 0.5
     # Varied wording: many distinct captions, and glosses are used, not only class names.
     assert b.data["text"].nunique() > 1500
-    glosses = {g["text"] for entry in _fashion._text_resources() for g in entry["glosses"]}
+    glosses = {g["text"] for entry in load_fashion_vocabulary() for g in entry["glosses"]}
     assert sum(any(g in t for g in glosses) for t in b.data["text"]) > 200
     # Even a mosaic with 3 or more items may get a caption that names none of them.
     assert any(not m for m, y in zip(mentions, b.Y) if y.sum() >= 3)
@@ -99,12 +101,27 @@ def test_caption_vocabulary_is_clean():
     )
     for text in fixed:
         assert mentioned_classes(text.replace("{", "").replace("}", "")) == set(), text
-    for c, entry in enumerate(_fashion._text_resources()):
+    for c, entry in enumerate(load_fashion_vocabulary()):
         assert entry["name"] == CLASS_NAMES[c]
         for phrase in [n["phrase"] for n in entry["names"]] + [g["text"] for g in entry["glosses"]]:
             assert mentioned_classes(phrase) == {c}, phrase
     assert mentioned_classes("A T-shirt.") == {0}  # hyphenated words stay whole: no Shirt
     assert mentioned_classes("A tee shirt.") == {0, 6}
+
+
+def test_vocabulary_is_the_shipped_file_and_a_copy():
+    import json
+
+    shipped = json.loads((Path(_fashion.__file__).parent / "data" / "fashion_text.json").read_text())["classes"]
+    vocab = load_fashion_vocabulary()
+    assert vocab == shipped and [entry["name"] for entry in vocab] == CLASS_NAMES
+    # Every name's marker is one of its class's markers, so mentioned_classes finds every name.
+    assert all(n["marker"] in entry["markers"] for entry in vocab for n in entry["names"])
+    # Editing the returned lists leaves the captions' own vocabulary alone.
+    vocab[0]["glosses"].clear()
+    vocab[0]["markers"].append("sandal")
+    assert load_fashion_vocabulary() == shipped
+    assert mentioned_classes("a sandal") == {5}
 
 
 def test_train_and_test_use_disjoint_sources():
@@ -220,13 +237,10 @@ def _training_script():
 def test_dit_training_preprocessing_matches_the_extractor():
     # The embedded DiT must see at training time exactly what DiTFeatureExtractor feeds it, also through the
     # on-device resize of the mosaic stream used for training.
-    image_mod = pytest.importorskip("sklearn_difffeat.extractors.image")
-    if not hasattr(image_mod, "to_uint8_images"):
-        pytest.skip("extractor preprocessing helper not available")
     train = _training_script()
     images = np.stack(load_fashion_mosaics(8, split="test", random_state=0).data["image"])
     ours = train.dit_preprocess(images)
-    theirs = np.stack(image_mod.to_uint8_images(images, 32))
+    theirs = np.stack(image_extractor.to_uint8_images(images, 32))
     theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert torch.equal(ours, theirs)
     stream = train.MosaicStream(torch.device("cpu"), torch.Generator().manual_seed(0))

@@ -1,5 +1,7 @@
 """The embedded models through the public API, and the end-to-end demo on a small sample."""
 
+import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -69,6 +71,25 @@ def _demo(monkeypatch, cache, *argv):
     assert __main__.main(["demo", *argv]) == 0
 
 
+@contextlib.contextmanager
+def _threads(n):
+    """Torch and the numerical libraries on ``n`` CPU threads, as the demo runs them (``--threads``), then as before.
+
+    Float reductions split over another number of threads add in another order, so a refit must run on the
+    demo's thread count to reproduce its predictions bit for bit.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _table(out):
     """{row: (mAP, CF1, OF1)} as printed, in percent."""
     rows = {}
@@ -84,6 +105,7 @@ def _bars(err):
     return {m.group(1) for m in re.finditer(r"(?:^|[\r\n])([A-Za-z]\w*): +\d+%\|", err)}
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_cache):
     import torch
 
@@ -113,7 +135,8 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert all(0 < v <= 100 for v in probes.values())
 
     # The saved pipeline predicts the held-out split as the table says, and as the same pipeline refitted here
-    # from the chosen parameters (training is seeded, so the two must agree exactly).
+    # from the chosen parameters (training is seeded and runs on the demo's one thread, so the two must agree
+    # exactly).
     from sklearn_difffeat.demo import build_pipeline
 
     test = load_fashion_mosaics(30, split="test", random_state=0)
@@ -123,7 +146,9 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert multilabel_report(test.Y, proba)["mAP"] == pytest.approx(summary["held_out"]["fused"]["mAP"])
     chosen = {f"features__{k}": v for k, v in summary["chosen"].items()}
     refit = build_pipeline(str(demo_cache), fusion_params=SMALL["fusion_params"]).set_params(**chosen)
-    np.testing.assert_array_equal(refit.fit(train.data, train.Y).predict_proba(test.data), proba)
+    with _threads(1):  # the demo's default (no --threads above)
+        refitted = refit.fit(train.data, train.Y).predict_proba(test.data)
+    np.testing.assert_array_equal(refitted, proba)
     assert summary["reload_identical"] is True
 
     # The two figures: real PNGs at their documented sizes (7 x 5 in at 120 dpi, 12 x 4.6 in at 100 dpi).
@@ -142,6 +167,40 @@ def test_demo_end_to_end_on_a_small_sample(tmp_path, monkeypatch, capfd, demo_ca
     assert "Fitting" not in out + err and "Warning" not in err
 
 
+def test_demo_settings_defaults_overrides_and_bad_values(monkeypatch):
+    from sklearn_difffeat import __main__, demo
+
+    # The documented demo (README, the command line's defaults).
+    assert dataclasses.asdict(demo.DemoSettings()) == dict(
+        n_train=1000, n_test=500, output="demo_output", cv=3, verbose=1,
+        image_timesteps=(0, 50, 100, 200, 300, 500, 700, 900), text_timesteps=(0.0, 0.15, 0.3, 0.5, 0.7),
+        max_evaluations=None, search_fusion_params={"projection_dim": 256, "max_epochs": 20}, fusion_params=None,
+        cache=None, n_threads=1,
+    )
+
+    # The command line builds the settings from its options (--threads 0: the libraries' own thread count).
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert __main__.main(["demo", "--n-train", "7", "--cv", "4", "--output", "out", "--threads", "0", "--quiet"]) == 0
+    assert seen == [demo.DemoSettings(n_train=7, cv=4, output="out", verbose=0, n_threads=None)]
+    assert __main__.main(["demo", "--verbose"]) == 0
+    assert seen[1] == demo.DemoSettings(verbose=2)
+
+    for bad, match in ((dict(n_train=0), "n_train must be an int >= 1, got 0"), (dict(cv=1), "cv must be an int >= 2"),
+                       (dict(n_threads=1.5), "n_threads"), (dict(verbose=-1), "verbose"),
+                       (dict(text_timesteps=()), "text_timesteps must hold at least one")):
+        with pytest.raises(ValueError, match=match):
+            demo.DemoSettings(**bad)
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match=r"Unknown demo settings \['n_trian'\]"):
+        demo.run_demo(n_trian=5)
+    with pytest.raises(TypeError, match="run_demo takes a DemoSettings"):
+        demo.run_demo(1000)
+    with pytest.raises(ValueError, match="n_test"):
+        demo.run_demo(demo.DemoSettings(), n_test=-3)
+
+
+@pytest.mark.slow
 def test_demo_quiet_prints_the_results_only_and_verbose_the_detail(tmp_path, monkeypatch, capfd, demo_cache):
     _demo(monkeypatch, demo_cache, *SIZE, "--output", str(tmp_path / "quiet"), "--quiet")
     out, err = capfd.readouterr()
@@ -162,8 +221,7 @@ def test_demo_quiet_prints_the_results_only_and_verbose_the_detail(tmp_path, mon
 def test_untrained_copy_is_a_fresh_model_whose_blocks_start_as_the_identity(tmp_path):
     # DDiT's adaLN gates start at zero, so every block of a freshly initialised model passes its input through:
     # the copy's features are the same at every block, and differ from the trained model's.
-    from sklearn_difffeat.backbones._hub import EMBEDDED_DIR
-    from sklearn_difffeat.demo import untrained_copy
+    from sklearn_difffeat.backbones.untrained import untrained_copy
 
     texts = ["a sneaker and a bag", "two dresses", "a coat"]
     copy = untrained_copy(EMBEDDED_DIR / "fashion-mdlm", "mdlm", tmp_path / "copy")
@@ -174,12 +232,20 @@ def test_untrained_copy_is_a_fresh_model_whose_blocks_start_as_the_identity(tmp_
     assert not np.allclose(first, trained, atol=1e-3)
 
 
+def test_untrained_copy_rejects_an_unknown_kind_before_copying(tmp_path):
+    from sklearn_difffeat.backbones.untrained import untrained_copy
+
+    with pytest.raises(ValueError, match=r"kind must be one of \('dit', 'mdlm'\), got 'bert'"):
+        untrained_copy(EMBEDDED_DIR / "fashion-mdlm", "bert", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
 def test_demo_counts_long_captions_without_the_tokenizers_warning():
     import logging
 
     from transformers.utils import logging as hf_logging
 
-    from sklearn_difffeat.demo import _truncated_captions
+    from sklearn_difffeat.demo._run import truncated_captions
 
     # Held-out caption 183 (random_state=0) is the split's one caption over the text model's 64 tokens.
     texts = load_fashion_mosaics(184, split="test", random_state=0).data["text"].tolist()[180:]
@@ -194,7 +260,7 @@ def test_demo_counts_long_captions_without_the_tokenizers_warning():
     hf_logging.set_verbosity_warning()
     hf_root.addHandler(catcher)
     try:
-        assert _truncated_captions(backbone, texts) == 1
+        assert truncated_captions(backbone, texts) == 1
         assert not any("sequence length is longer" in r.getMessage() for r in records)
         backbone.tokenizer(texts)  # the same texts as transformers tokenizes them by default: it warns
         assert any("sequence length is longer" in r.getMessage() for r in records)

@@ -345,9 +345,9 @@ def definitions(n, rng):
     espadrille is a sandal; these sentences (WordNet-style definitions built from the shipped names and
     glosses) give the tiny model that knowledge. They never mix two classes.
     """
-    from sklearn_difffeat.datasets._fashion import _text_resources
+    from sklearn_difffeat.datasets import load_fashion_vocabulary
 
-    vocab = _text_resources()
+    vocab = load_fashion_vocabulary()
     out = []
     for _ in range(n):
         entry = vocab[rng.integers(len(vocab))]
@@ -362,13 +362,12 @@ def definitions(n, rng):
 
 def text_corpus(n, seed=SEED):
     """n training texts: 70% captions of train mosaics, 30% definitions, plus every name phrase and gloss."""
-    from sklearn_difffeat.datasets import load_fashion_mosaics
-    from sklearn_difffeat.datasets._fashion import _text_resources
+    from sklearn_difffeat.datasets import load_fashion_mosaics, load_fashion_vocabulary
 
     n_def = int(0.3 * n)
     texts = list(load_fashion_mosaics(n - n_def, split="train", random_state=seed).data["text"])
     texts += definitions(n_def, np.random.default_rng(seed))
-    for entry in _text_resources():
+    for entry in load_fashion_vocabulary():
         texts += [n["phrase"] for n in entry["names"]] + [g["text"] for g in entry["glosses"]]
     return texts
 

@@ -1,1 +1,10 @@
-"""Backbones: load a diffusion Transformer and run it truncated, tapping requested blocks. No sklearn here."""
+"""Backbones: load a diffusion Transformer and run it truncated, tapping requested blocks. No sklearn here.
+
+Where weights come from: :func:`resolve_model_dir` gives the local folder of an embedded name
+(``"embedded:NAME"``), a folder or a Hugging Face Hub id; :func:`embedded_models` lists the embedded names.
+Untrained copies of a model, for baselines, are in :mod:`sklearn_difffeat.backbones.untrained`.
+"""
+
+from ._hub import embedded_models, resolve_model_dir
+
+__all__ = ["embedded_models", "resolve_model_dir"]

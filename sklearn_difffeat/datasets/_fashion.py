@@ -5,6 +5,7 @@ Everything here is generated from the files in ``data/`` (see ``docs/data.md``):
 its *caption* are synthetic, drawn from a seeded generator by the recipe below.
 """
 
+import copy
 import json
 import re
 from functools import lru_cache
@@ -107,6 +108,24 @@ def _tokens(text):
 def _text_resources():
     with resources.files(__package__).joinpath("data", "fashion_text.json").open("r", encoding="utf-8") as f:
         return json.load(f)["classes"]
+
+
+def load_fashion_vocabulary():
+    """The class vocabulary the captions are written from: one entry per class, in ``CLASS_NAMES`` order.
+
+    Each entry is a dict with
+
+    - ``name``: the class name;
+    - ``markers``: every phrase that names the class (what :func:`mentioned_classes` looks for);
+    - ``names``: the item names captions use, each ``{"phrase", "marker", "source"}``: the phrase ("a pair of
+      jeans"), the marker it contains, and "wordnet" or "project" for where the name comes from;
+    - ``glosses``: the WordNet 3.0 glosses captions use, each ``{"text", "synset", "lemma"}``.
+
+    It is the content of the shipped ``data/fashion_text.json`` (see ``docs/data.md``).
+
+    Returns a fresh copy on every call: changing it does not change the captions.
+    """
+    return copy.deepcopy(_text_resources())
 
 
 @lru_cache(maxsize=2)
