@@ -11,20 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from sklearn.base import _fit_context
 from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import KFold
-from sklearn.model_selection._search import BaseSearchCV
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metadata_routing import get_routing_for_object
 from sklearn.utils.multiclass import type_of_target
 
+from ._sklearn_compat import (
+    BaseSearchCV,
+    HasMethods,
+    Interval,
+    StrOptions,
+    all_fits_failed,
+    failed_fit_like,
+    failed_on_every_fold,
+    failure_summary,
+    fit_context,
+    silenced_fitting_line,
+    silenced_non_finite_warning,
+)
 from .search_priors import DiffFeatPriors, SearchPriors
 
 __all__ = ["BlockTimestepSearchCV"]
@@ -97,28 +106,6 @@ class _FrozenSplits:
         return get_routing_for_object(self.cv)  # so `groups` still reaches a group-aware splitter
 
 
-_ALL_FAILED = re.compile(r"All the \d+ fits failed")
-_NON_FINITE = r"One or more of the (test|train) scores are non-finite"
-
-
-def _all_fits_failed(err):
-    """Whether `err` is scikit-learn's "All the N fits failed" error (it has no class of its own)."""
-    return isinstance(err, ValueError) and _ALL_FAILED.search(str(err)) is not None
-
-
-def _failure_summary(err):
-    """The last line of each distinct traceback in scikit-learn's "fits failed" message, e.g.
-    "ValueError: block=99 is out of range ...", joined by " | "."""
-    text = str(err)
-    _, _, details = text.partition("Below are more details about the failures:")
-    lines = []
-    for chunk in re.split(r"-{20,}\n", details):
-        tail = [ln.strip() for ln in chunk.strip().splitlines() if ln.strip()]
-        if tail and tail[-1] not in lines:
-            lines.append(tail[-1])
-    return " | ".join(lines) if lines else text.strip()
-
-
 class _FitState:
     """What one `fit` hands to the `BaseSearchCV` hooks it overrides (`_run_search`, `_format_results`,
     `_get_scorers`), which scikit-learn calls with fixed signatures.
@@ -140,10 +127,7 @@ class _FitState:
     def failed_on_every_fold(self, n):
         """For each of the latest `n` candidates scikit-learn evaluated, whether all its fits failed."""
         _, n_splits, out, _ = self.formatted
-        fits = out[len(out) - n * n_splits :]
-        return np.array(
-            [all(f["fit_error"] is not None for f in fits[i * n_splits : (i + 1) * n_splits]) for i in range(n)]
-        )
+        return failed_on_every_fold(out, n, n_splits)
 
     def with_failed_step(self, error_score):
         """The arguments of _format_results with the failed step's rows appended, each fit like scikit-learn's own
@@ -151,18 +135,10 @@ class _FitState:
         candidate_params, n_splits, out, more_results = self.formatted
         candidates, step, error = self.failed
         template = out[:n_splits]  # the start's fits: the keys of a fit result, and the test sizes per split
-
-        def failed_fit(split):
-            fit = dict(template[split], fit_error=error, fit_time=np.nan, score_time=np.nan)
-            for key in ("test_scores", "train_scores"):
-                if key in fit:
-                    fit[key] = dict.fromkeys(fit[key], error_score) if isinstance(fit[key], dict) else error_score
-            return fit
-
         return (
             [*candidate_params, *candidates],
             n_splits,
-            [*out, *(failed_fit(j) for _ in candidates for j in range(n_splits))],
+            [*out, *(failed_fit_like(template[j], error, error_score) for _ in candidates for j in range(n_splits))],
             {**more_results, "search_step": [*more_results["search_step"], *[step] * len(candidates)]},
         )
 
@@ -375,7 +351,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
         # same at every step, so scikit-learn's own splitter serves them.
         return scorer, cv
 
-    @_fit_context(prefer_skip_nested_validation=False)
+    @fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None, **params):
         """Run the local search, then refit the best candidate on all of (X, y) if `refit`.
 
@@ -404,26 +380,9 @@ class BlockTimestepSearchCV(BaseSearchCV):
         if state is None or state.axes is None:
             return super()._format_results(candidate_params, n_splits, out, more_results)
         state.formatted = (candidate_params, n_splits, out, more_results)
-        with warnings.catch_warnings():
-            # Said once, at the end of the search, instead of at every step after a failure.
-            warnings.filterwarnings("ignore", message=_NON_FINITE, category=UserWarning)
+        with silenced_non_finite_warning():  # said once, at the end of the search, instead of at every step
             state.results = super()._format_results(candidate_params, n_splits, out, more_results)
         return state.results
-
-    @contextlib.contextmanager
-    def _quiet_sklearn(self):
-        """At verbose=1 the progress bar replaces scikit-learn's "Fitting N folds for each of M candidates" line,
-        which `evaluate_candidates` prints whenever `self.verbose > 0` and has no other switch for; per-fit lines
-        only come at verbose > 1, so nothing else is lost."""
-        verbose = self.verbose
-        if verbose != 1:
-            yield
-            return
-        self.verbose = 0
-        try:
-            yield
-        finally:
-            self.verbose = verbose
 
     def _climb_metric(self, results):
         if isinstance(self.refit, str) and f"mean_test_{self.refit}" in results:
@@ -460,12 +419,13 @@ class BlockTimestepSearchCV(BaseSearchCV):
             n = len(points)
             progress.plan(n, step)
             try:
-                with self._quiet_sklearn():
+                # At verbose=1 the progress bar replaces scikit-learn's "Fitting ..." line.
+                with silenced_fitting_line(self) if self.verbose == 1 else contextlib.nullcontext():
                     results = evaluate_candidates(candidates, cv=state.cv, more_results={"search_step": [step] * n})
             except ValueError as err:
-                if self.error_score == "raise" or not _all_fits_failed(err):
+                if self.error_score == "raise" or not all_fits_failed(err):
                     raise
-                summary = _failure_summary(err)
+                summary = failure_summary(err)
                 if step == 0:
                     raise ValueError(
                         f"The search's start point {candidates[0]} failed on every CV fold, so there is nothing to "
@@ -543,8 +503,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
         if state.failed is not None:
             # scikit-learn drops a call whose fits all failed; put its rows back in the very dict BaseSearchCV.fit
             # goes on to rank, pick best_params_ and refit from, and keep as cv_results_.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NON_FINITE, category=UserWarning)
+            with silenced_non_finite_warning():
                 fresh = super()._format_results(*state.with_failed_step(self.error_score))
             state.results.clear()
             state.results.update(fresh)
