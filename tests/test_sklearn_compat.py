@@ -5,6 +5,7 @@ import contextlib
 import inspect
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,24 @@ def test_non_finite_scores_warning_matches_and_is_silenced():
         with silenced_non_finite_warning():
             search.fit(*data())
     assert not [w for w in caught if re.search(NON_FINITE_WARNING, str(w.message))]
+
+
+# ---- the checked range -----------------------------------------------------------------------------------------
+
+
+def test_installed_scikit_learn_is_in_the_range_pyproject_allows():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    from packaging.requirements import Requirement  # a dependency of pytest
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    with open(pyproject, "rb") as f:
+        dependencies = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+    (requirement,) = [r for r in dependencies if r.name == "scikit-learn"]
+    assert any(spec.operator in ("<", "<=", "~=", "==") for spec in requirement.specifier), (
+        f"pyproject.toml's {requirement} has no upper bound: give it one, the newest scikit-learn that "
+        "tests/test_sklearn_compat.py passes with"
+    )
+    assert requirement.specifier.contains(sklearn.__version__, prereleases=True), (
+        f"scikit-learn {sklearn.__version__} is outside pyproject.toml's {requirement}: run "
+        "tests/test_sklearn_compat.py with it, update sklearn_difffeat/_sklearn_compat.py if needed, then the bound"
+    )
