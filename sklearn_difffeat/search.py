@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping
 
 import numpy as np
 from sklearn.exceptions import FitFailedWarning
@@ -21,6 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.metadata_routing import get_routing_for_object
 from sklearn.utils.multiclass import type_of_target
 
+from ._grid import check_axes, index_of
 from ._sklearn_compat import (
     BaseSearchCV,
     HasMethods,
@@ -40,47 +40,6 @@ __all__ = ["BlockTimestepSearchCV"]
 
 LOCAL_OPTIMUM = "local_optimum"
 MAX_EVALUATIONS = "max_evaluations"
-
-
-def _same(a, b):
-    """Equality that tolerates values whose `==` is not a plain bool (arrays, estimators)."""
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except (TypeError, ValueError):
-        return False
-
-
-def _index_of(values, value):
-    for i, v in enumerate(values):
-        if _same(v, value):
-            return i
-    return None
-
-
-def _check_axes(param_grid):
-    """Return [(name, values)] in the given order, with clear errors naming the faulty axis."""
-    if not isinstance(param_grid, Mapping) or len(param_grid) == 0:
-        raise ValueError("param_grid must be a non-empty dict mapping parameter names to ordered values.")
-    axes = []
-    for name, values in param_grid.items():
-        if not isinstance(name, str):
-            raise ValueError(f"param_grid keys must be parameter names (str), got {name!r}.")
-        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
-            raise ValueError(
-                f"param_grid[{name!r}] must be an ordered sequence of values (list, tuple, range, 1-D array), "
-                f"got {type(values).__name__}."
-            )
-        values = list(values)
-        if not values:
-            raise ValueError(f"param_grid[{name!r}] is empty: each axis needs at least one value.")
-        for i, v in enumerate(values):
-            j = _index_of(values[:i], v)
-            if j is not None:
-                raise ValueError(f"param_grid[{name!r}] has the duplicate value {v!r} (positions {j} and {i}).")
-        axes.append((name, values))
-    return axes
 
 
 class _FrozenSplits:
@@ -312,7 +271,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
                 if name not in names:
                     raise ValueError(f"{source} names {name!r}, which is not an axis of param_grid; axes: {names}.")
                 k = names.index(name)
-                i = _index_of(axes[k][1], value)
+                i = index_of(axes[k][1], value)
                 if i is None:
                     raise ValueError(
                         f"{source}[{name!r}]={value!r} is not among param_grid[{name!r}]={axes[k][1]!r}."
@@ -357,7 +316,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
 
         Parameters are those of `GridSearchCV.fit`.
         """
-        axes = _check_axes(self.param_grid)
+        axes = check_axes(self.param_grid)
         priors = self._resolved_priors()
         start = self._start_point(axes, priors)
         shared = self._shared_params(axes, priors)

@@ -19,18 +19,9 @@ import warnings
 
 from sklearn.base import clone
 
+from ._grid import index_of
+
 __all__ = ["DiffFeatPriors", "SearchPriors"]
-
-
-def _index_of(values, value):
-    """Position of `value` in `values` by `==` that tolerates values whose `==` is not a plain bool."""
-    for i, v in enumerate(values):
-        try:
-            if v is value or bool(v == value):
-                return i
-        except (TypeError, ValueError):
-            continue
-    return None
 
 
 class SearchPriors:
@@ -135,11 +126,11 @@ class DiffFeatPriors(SearchPriors):
         lowered, branch = name.lower(), _branch(name)
         try:
             if branch == "image" and lowered.endswith("block"):
-                i = _index_of(values, 12)
+                i = index_of(values, 12)
                 return middle if i is None else i
             if branch == "text" and lowered.endswith("block"):
                 # -1 is "the deepest block" in the block convention, so it beats the largest listed value.
-                i = _index_of(values, -1)
+                i = index_of(values, -1)
                 return values.index(max(values)) if i is None else i
             if branch == "text" and lowered.endswith("timestep"):
                 return values.index(min(values))
