@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.metadata_routing import get_routing_for_object
 from sklearn.utils.multiclass import type_of_target
 
-from ._grid import check_axes, index_of
+from ._grid import check_axes, index_of, neighbours
 from ._sklearn_compat import (
     BaseSearchCV,
     HasMethods,
@@ -38,8 +38,10 @@ from .search_priors import DiffFeatPriors, SearchPriors
 
 __all__ = ["BlockTimestepSearchCV"]
 
+# Why the climb stops (`stopped_reason_`), and its moves (`search_path_[i]["move"]`).
 LOCAL_OPTIMUM = "local_optimum"
 MAX_EVALUATIONS = "max_evaluations"
+START, IMPROVE, PLATEAU = "start", "improve", "plateau"
 
 
 class _FrozenSplits:
@@ -76,7 +78,6 @@ class _FitState:
 
     def __init__(self, axes=None, start=None, shared=None, cv=None, scorer=None):
         self.axes, self.start, self.shared, self.cv, self.scorer = axes, start, shared, cv, scorer
-        self.failed = None  # (candidates, step, error) of a step where every fit failed: always the last step
         self.formatted = None  # the latest arguments of _format_results: scikit-learn's running lists
         self.results = None  # the latest results dict, the very object `BaseSearchCV.fit` keeps as cv_results_
 
@@ -88,11 +89,10 @@ class _FitState:
         _, n_splits, out, _ = self.formatted
         return failed_on_every_fold(out, n, n_splits)
 
-    def with_failed_step(self, error_score):
-        """The arguments of _format_results with the failed step's rows appended, each fit like scikit-learn's own
-        failed fits: `error_score` as score, the error as `fit_error`, and no timing."""
+    def with_failed_step(self, candidates, step, error, error_score):
+        """The arguments of _format_results with rows for `candidates` appended, each fit like scikit-learn's own
+        failed fits: `error_score` as score, `error` as `fit_error`, and no timing."""
         candidate_params, n_splits, out, more_results = self.formatted
-        candidates, step, error = self.failed
         template = out[:n_splits]  # the start's fits: the keys of a fit result, and the test sizes per split
         return (
             [*candidate_params, *candidates],
@@ -136,6 +136,61 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class _Climb:
+    """The running state of one climb over grid points (tuples of value positions, see `_grid`)."""
+
+    def __init__(self, axes, shared, start, *, limit, rng, evaluate_candidates, progress):
+        self.axes, self.shared, self.limit, self.rng = axes, shared, limit, rng
+        self.evaluate_candidates, self.progress = evaluate_candidates, progress
+        self.current, self.best = start, -np.inf
+        self.step = 0
+        self.waited = 0  # consecutive non-improving moves
+        self.scores = {}  # point -> score of the climbed metric (-inf: failed or nan); also the visited set
+        self.path = []  # the entries of search_path_
+
+    def params(self, point):
+        """The axes' values at `point`."""
+        return {name: values[i] for (name, values), i in zip(self.axes, point)}
+
+    def candidate(self, point):
+        """What the estimator gets at `point`: the axes' values and the shared parameters."""
+        return {**self.params(point), **self.shared}
+
+    def unvisited_neighbours(self):
+        """The current point's neighbours not evaluated yet, in axis order, or shuffled when there is an `rng`."""
+        found = [p for p in neighbours(self.current, [len(v) for _, v in self.axes]) if p not in self.scores]
+        if self.rng is not None:
+            found = [found[i] for i in self.rng.permutation(len(found))]
+        return found
+
+    def move_to(self, point, score, move):
+        """Make `point` (scoring `score`) the current point, by a 'start', 'improve' or 'plateau' move."""
+        if move == PLATEAU:
+            self.waited += 1
+        else:
+            self.best, self.waited = score, 0
+        self.current = point
+        self.path.append({
+            "step": self.step, "params": self.candidate(point), "score": np.nan if score == -np.inf else float(score),
+            "move": move, "n_evaluations": len(self.scores), "stopped": None,
+        })
+
+
+def _decide(score, best, *, tol, cut_short, waited, patience):
+    """The move onto the step's best neighbour, which scored `score`: IMPROVE, PLATEAU, or why the climb stops.
+
+    A failed neighbour (score -inf) is never moved onto. When `max_evaluations` cut the batch short, an unevaluated
+    neighbour might still have improved, so the climb stops instead of taking a plateau move.
+    """
+    if score > best + tol:
+        return IMPROVE
+    if cut_short:
+        return MAX_EVALUATIONS
+    if waited < patience and np.isfinite(score):
+        return PLATEAU
+    return LOCAL_OPTIMUM
 
 
 class BlockTimestepSearchCV(BaseSearchCV):
@@ -355,126 +410,126 @@ class BlockTimestepSearchCV(BaseSearchCV):
 
     def _run_search(self, evaluate_candidates):
         state = self._fit_state
-        axes = state.axes
-        names = [name for name, _ in axes]
-        rng = None if self.random_state is None else check_random_state(self.random_state)
-        self.grid_size_ = int(np.prod([len(values) for _, values in axes]))
+        self.grid_size_ = int(np.prod([len(values) for _, values in state.axes]))
         self.shared_params_ = dict(state.shared)
-        limit = self.max_evaluations if self.max_evaluations is not None else self.grid_size_
-        talk = self.verbose >= 2
-        if talk and state.shared:
-            print(f"[BlockTimestepSearchCV] every candidate also gets {state.shared}")
-
-        def point_params(point):
-            return {name: values[i] for (name, values), i in zip(axes, point)}
-
-        def candidate(point):
-            return {**point_params(point), **state.shared}
-
-        scores = {}  # point -> mean test score of the climbed metric (-inf: failed); doubles as the visited set
-
-        def evaluate(points, step):
-            candidates = [candidate(p) for p in points]
-            n = len(points)
-            progress.plan(n, step)
-            try:
-                # At verbose=1 the progress bar replaces scikit-learn's "Fitting ..." line.
-                with silenced_fitting_line(self) if self.verbose == 1 else contextlib.nullcontext():
-                    results = evaluate_candidates(candidates, cv=state.cv, more_results={"search_step": [step] * n})
-            except ValueError as err:
-                if self.error_score == "raise" or not all_fits_failed(err):
-                    raise
-                summary = failure_summary(err)
-                if step == 0:
-                    raise ValueError(
-                        f"The search's start point {candidates[0]} failed on every CV fold, so there is nothing to "
-                        f"climb from: {summary}. Fix the estimator, or pass `start=` a point of the grid that fits "
-                        "(error_score='raise' shows the full traceback)."
-                    ) from err
-                warnings.warn(
-                    f"Step {step} of the search: every fit of its {n} candidate(s) failed, so none of them is a "
-                    f"move: {[point_params(p) for p in points]}: {summary}",
-                    FitFailedWarning,
-                    stacklevel=2,
-                )
-                state.failed = (candidates, step, summary)
-                new = np.full(n, -np.inf)  # nothing beats the best, so this step ends the search
-            else:
-                metric = self._climb_metric(results)
-                new = np.asarray(results[f"mean_test_{metric}"][-n:], dtype=float)
-                # A candidate that failed on every fold (whatever error_score says) or scored nan never wins.
-                new = np.where(np.isnan(new) | state.failed_on_every_fold(n), -np.inf, new)
-            scores.update(zip(points, new.tolist()))
-            return new
-
-        progress = _Progress(self.verbose, self.grid_size_)
+        climb = _Climb(
+            state.axes,
+            state.shared,
+            state.start,
+            limit=self.max_evaluations if self.max_evaluations is not None else self.grid_size_,
+            rng=None if self.random_state is None else check_random_state(self.random_state),
+            evaluate_candidates=evaluate_candidates,
+            progress=_Progress(self.verbose, self.grid_size_),
+        )
+        if state.shared:
+            self._say(f"every candidate also gets {state.shared}")
         try:
-            current = state.start
-            best = evaluate([current], 0)[0]
-            progress.done(1, 0, best)
-            self.start_params_ = point_params(current)
-            self.search_path_ = [self._path_entry(0, candidate(current), best, "start", len(scores))]
-            if talk:
-                print(f"[BlockTimestepSearchCV] start at {self.start_params_} score={best:.6g}")
-            waited, step = 0, 0
-            while True:
-                neighbours = []
-                for k, (_, values) in enumerate(axes):
-                    for d in (-1, 1):
-                        i = current[k] + d
-                        if 0 <= i < len(values):
-                            p = (*current[:k], i, *current[k + 1 :])
-                            if p not in scores:
-                                neighbours.append(p)
-                if rng is not None:
-                    neighbours = [neighbours[i] for i in rng.permutation(len(neighbours))]
-                budget = limit - len(scores)
-                if not neighbours:
-                    reason = LOCAL_OPTIMUM
-                    break
-                if budget <= 0:
-                    reason = MAX_EVALUATIONS
-                    break
-                batch = neighbours[:budget]
-                step += 1
-                if talk:
-                    print(f"[BlockTimestepSearchCV] step {step}: {len(batch)} neighbour(s) of {point_params(current)}")
-                new = evaluate(batch, step)
-                j = int(np.argmax(new))  # first in neighbour order on ties
-                progress.done(len(batch), step, max(best, new[j]))
-                if new[j] > best + self.tol:
-                    move, waited, best = "improve", 0, new[j]
-                elif len(batch) < len(neighbours):
-                    reason = MAX_EVALUATIONS  # an unevaluated neighbour might still have improved
-                    break
-                elif waited < self.patience and np.isfinite(new[j]):  # never a move onto a failed point
-                    move, waited = "plateau", waited + 1
-                else:
-                    reason = LOCAL_OPTIMUM
-                    break
-                current = batch[j]
-                self.search_path_.append(self._path_entry(step, candidate(current), new[j], move, len(scores)))
-                if talk:
-                    print(f"[BlockTimestepSearchCV] step {step}: {move} to {point_params(current)} score={new[j]:.6g}")
+            self._start(climb)
+            reason = None
+            while reason is None:
+                reason = self._step(climb)
         finally:
-            progress.close()
+            climb.progress.close()
+        self._finish(climb, reason)
 
-        if state.failed is not None:
-            # scikit-learn drops a call whose fits all failed; put its rows back in the very dict BaseSearchCV.fit
-            # goes on to rank, pick best_params_ and refit from, and keep as cv_results_.
-            with silenced_non_finite_warning():
-                fresh = super()._format_results(*state.with_failed_step(self.error_score))
-            state.results.clear()
-            state.results.update(fresh)
-        self._warn_non_finite(state.results)
-        self.search_path_[-1]["stopped"] = reason
+    def _start(self, climb):
+        best = self._evaluate(climb, [climb.current])[0]
+        climb.progress.done(1, 0, best)
+        self.start_params_ = climb.params(climb.current)
+        climb.move_to(climb.current, best, START)
+        self.search_path_ = climb.path
+        self._say(f"start at {self.start_params_} score={best:.6g}")
+
+    def _step(self, climb):
+        """Score the unvisited neighbours of the current point and move to the best one; the reason the climb
+        stops, or None."""
+        found = climb.unvisited_neighbours()
+        budget = climb.limit - len(climb.scores)
+        if not found:
+            return LOCAL_OPTIMUM
+        if budget <= 0:
+            return MAX_EVALUATIONS
+        batch = found[:budget]
+        climb.step += 1
+        self._say(f"step {climb.step}: {len(batch)} neighbour(s) of {climb.params(climb.current)}")
+        new = self._evaluate(climb, batch)
+        j = int(np.argmax(new))  # first in neighbour order on ties
+        climb.progress.done(len(batch), climb.step, max(climb.best, new[j]))
+        move = _decide(new[j], climb.best, tol=self.tol, cut_short=len(batch) < len(found), waited=climb.waited,
+                       patience=self.patience)
+        if move not in (IMPROVE, PLATEAU):
+            return move
+        climb.move_to(batch[j], new[j], move)
+        self._say(f"step {climb.step}: {move} to {climb.params(climb.current)} score={new[j]:.6g}")
+        return None
+
+    def _evaluate(self, climb, points):
+        """Score `points` in one `evaluate_candidates` call, as the climbed metric; -inf for a candidate that failed
+        on every fold or scored nan, so that it never wins."""
+        state, step, n = self._fit_state, climb.step, len(points)
+        candidates = [climb.candidate(p) for p in points]
+        climb.progress.plan(n, step)
+        # At verbose=1 the progress bar replaces scikit-learn's "Fitting ..." line.
+        quiet = silenced_fitting_line(self) if self.verbose == 1 else contextlib.nullcontext()
+        try:
+            with quiet:
+                results = climb.evaluate_candidates(candidates, cv=state.cv, more_results={"search_step": [step] * n})
+        except ValueError as err:
+            if self.error_score == "raise" or not all_fits_failed(err):
+                raise
+            new = self._failed_step(climb, points, candidates, err)
+        else:
+            new = np.asarray(results[f"mean_test_{self._climb_metric(results)}"][-n:], dtype=float)
+            new = np.where(np.isnan(new) | state.failed_on_every_fold(n), -np.inf, new)
+        climb.scores.update(zip(points, new.tolist()))
+        return new
+
+    def _failed_step(self, climb, points, candidates, err):
+        """A step whose fits all failed, which scikit-learn raises for: an error at the start, where there is
+        nothing to climb from; elsewhere a warning, the step's rows in cv_results_, and -inf scores."""
+        summary = failure_summary(err)
+        if climb.step == 0:
+            raise ValueError(
+                f"The search's start point {candidates[0]} failed on every CV fold, so there is nothing to "
+                f"climb from: {summary}. Fix the estimator, or pass `start=` a point of the grid that fits "
+                "(error_score='raise' shows the full traceback)."
+            ) from err
+        warnings.warn(
+            f"Step {climb.step} of the search: every fit of its {len(points)} candidate(s) failed, so none of them "
+            f"is a move: {[climb.params(p) for p in points]}: {summary}",
+            FitFailedWarning,
+            stacklevel=4,
+        )
+        self._restore_failed_rows(candidates, climb.step, summary)
+        return np.full(len(points), -np.inf)  # nothing beats the best, so this step ends the climb
+
+    def _restore_failed_rows(self, candidates, step, error):
+        """Put the rows of a step whose fits all failed into cv_results_, as scikit-learn shows failed fits.
+
+        `evaluate_candidates` drops them when it raises. They go into the very dict `BaseSearchCV.fit` goes on to
+        rank, pick `best_params_` from and keep as `cv_results_`. Such a step always ends the climb (no move onto
+        a -inf score), so no later `evaluate_candidates` call rebuilds the results without them.
+        """
+        state = self._fit_state
+        with silenced_non_finite_warning():
+            fresh = super()._format_results(*state.with_failed_step(candidates, step, error, self.error_score))
+        state.results.clear()
+        state.results.update(fresh)
+
+    def _finish(self, climb, reason):
+        self._warn_non_finite(self._fit_state.results)
+        climb.path[-1]["stopped"] = reason
         self.stopped_reason_ = reason
-        self.n_evaluations_ = len(scores)
-        if talk:
-            print(
-                f"[BlockTimestepSearchCV] stopped ({reason}) after {self.n_evaluations_} of {self.grid_size_} "
-                f"candidates; axes {names}"
-            )
+        self.n_evaluations_ = len(climb.scores)
+        self._say(
+            f"stopped ({reason}) after {self.n_evaluations_} of {self.grid_size_} candidates; "
+            f"axes {[name for name, _ in climb.axes]}"
+        )
+
+    def _say(self, message):
+        """A line of the `verbose >= 2` log."""
+        if self.verbose >= 2:
+            print(f"[BlockTimestepSearchCV] {message}")
 
     @staticmethod
     def _warn_non_finite(results):
@@ -488,11 +543,5 @@ class BlockTimestepSearchCV(BaseSearchCV):
                 f"scores) in {[k for k in keys if bad[k].any()]}, e.g. {results['params'][int(np.argmax(rows))]}; "
                 "see cv_results_.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-
-    @staticmethod
-    def _path_entry(step, params, score, move, n_evaluations):
-        score = float("nan") if score == -np.inf else float(score)
-        return {"step": step, "params": params, "score": score, "move": move,
-                "n_evaluations": n_evaluations, "stopped": None}
