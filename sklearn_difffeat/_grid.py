@@ -1,12 +1,8 @@
-"""Grids of ordered parameter axes: checking them, finding a value on an axis, and the neighbours of a point.
-
-A point of the grid is a tuple of positions, one per axis; two points are neighbours when they differ by one
-position along a single axis.
-"""
+"""Grids of ordered parameter axes: checking them and finding a value on an axis."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
@@ -50,9 +46,21 @@ def check_axes(param_grid: Mapping[str, Iterable[Any]]) -> list[tuple[str, list[
     return axes
 
 
-def neighbours(point: tuple[int, ...], sizes: Sequence[int]) -> Iterator[tuple[int, ...]]:
-    """The points one step down, then one step up, along each axis in turn (axes of `sizes` values each)."""
-    for k, size in enumerate(sizes):
-        for i in (point[k] - 1, point[k] + 1):
-            if 0 <= i < size:
-                yield (*point[:k], i, *point[k + 1 :])
+def grid_point(axes: list[tuple[str, list[Any]]], choices: list[tuple[str, Mapping[str, Any]]]) -> tuple[int, ...]:
+    """The point (a position per axis) with the values chosen by `choices`, a list of (source, {name: value}) in
+    which later sources override earlier ones; axes no source names get their middle value, `values[len // 2]`.
+
+    An error names the source and the axis when a name is not an axis or a value is not on its axis.
+    """
+    names = [name for name, _ in axes]
+    point = [len(values) // 2 for _, values in axes]
+    for source, chosen in choices:
+        for name, value in chosen.items():
+            if name not in names:
+                raise ValueError(f"{source} names {name!r}, which is not an axis of param_grid; axes: {names}.")
+            k = names.index(name)
+            i = index_of(axes[k][1], value)
+            if i is None:
+                raise ValueError(f"{source}[{name!r}]={value!r} is not among param_grid[{name!r}]={axes[k][1]!r}.")
+            point[k] = i
+    return tuple(point)

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import sklearn
+from sklearn.utils.metadata_routing import get_routing_for_object
 
 try:
     from sklearn.base import _fit_context
@@ -50,6 +51,7 @@ __all__ = [
     "FORMAT_RESULTS_PARAMS",
     "NON_FINITE_WARNING",
     "BaseSearchCV",
+    "FrozenSplits",
     "HasMethods",
     "Interval",
     "StrOptions",
@@ -60,6 +62,7 @@ __all__ = [
     "fit_context",
     "silenced_fitting_line",
     "silenced_non_finite_warning",
+    "with_failed_candidates",
 ]
 
 fit_context = _fit_context
@@ -103,6 +106,21 @@ def failed_on_every_fold(out: list[dict], n_candidates: int, n_splits: int) -> n
     )
 
 
+def with_failed_candidates(
+    formatted: tuple, candidates: list[dict], error: str, error_score, more_results: dict
+) -> tuple:
+    """The arguments of a `_format_results` call (`formatted`) with rows appended for `candidates`, each of whose
+    fits failed with `error` (see `failed_fit_like`); `more_results` holds the new rows' extra columns."""
+    candidate_params, n_splits, out, previous = formatted
+    template = out[:n_splits]  # the first candidate's fits: the keys of an entry, and each split's test size
+    return (
+        [*candidate_params, *candidates],
+        n_splits,
+        [*out, *(failed_fit_like(template[j], error, error_score) for _ in candidates for j in range(n_splits))],
+        {key: [*previous[key], *more_results[key]] for key in previous},
+    )
+
+
 def failed_fit_like(template: dict, error: str, error_score) -> dict:
     """The entry of `out` scikit-learn would have made for a failed fit on `template`'s split: `error_score` for
     every score, `error` as `fit_error`, and no timing (NaN)."""
@@ -134,3 +152,26 @@ def silenced_fitting_line(search: BaseSearchCV) -> Iterator[None]:
         yield
     finally:
         search.verbose = verbose
+
+
+class FrozenSplits:
+    """Splits computed once and reused, so every search step scores candidates on the same folds.
+
+    `evaluate_candidates` calls `cv.split` at each call; a shuffling splitter without an integer seed would
+    otherwise give each step different folds and make scores of different steps incomparable.
+    """
+
+    def __init__(self, cv):
+        self.cv = cv
+        self._splits = None
+
+    def split(self, X=None, y=None, groups=None):
+        if self._splits is None:
+            self._splits = list(self.cv.split(X, y, groups))
+        return iter(self._splits)
+
+    def get_n_splits(self, X=None, y=None, groups=None):
+        return self.cv.get_n_splits(X, y, groups)
+
+    def get_metadata_routing(self):
+        return get_routing_for_object(self.cv)  # so `groups` still reaches a group-aware splitter

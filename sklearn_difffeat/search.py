@@ -17,54 +17,27 @@ import numpy as np
 from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import KFold
 from sklearn.utils import check_random_state
-from sklearn.utils.metadata_routing import get_routing_for_object
 from sklearn.utils.multiclass import type_of_target
 
-from ._grid import check_axes, index_of, neighbours
+from ._climb import IMPROVE, LOCAL_OPTIMUM, MAX_EVALUATIONS, PLATEAU, START, Climb, Progress, decide
+from ._grid import check_axes, grid_point
 from ._sklearn_compat import (
     BaseSearchCV,
+    FrozenSplits,
     HasMethods,
     Interval,
     StrOptions,
     all_fits_failed,
-    failed_fit_like,
     failed_on_every_fold,
     failure_summary,
     fit_context,
     silenced_fitting_line,
     silenced_non_finite_warning,
+    with_failed_candidates,
 )
 from .search_priors import DiffFeatPriors, SearchPriors
 
 __all__ = ["BlockTimestepSearchCV"]
-
-# Why the climb stops (`stopped_reason_`), and its moves (`search_path_[i]["move"]`).
-LOCAL_OPTIMUM = "local_optimum"
-MAX_EVALUATIONS = "max_evaluations"
-START, IMPROVE, PLATEAU = "start", "improve", "plateau"
-
-
-class _FrozenSplits:
-    """Splits computed once and reused, so every search step scores candidates on the same folds.
-
-    `evaluate_candidates` calls `cv.split` at each step; a shuffling splitter without an integer seed would
-    otherwise give each step different folds and make scores of different steps incomparable.
-    """
-
-    def __init__(self, cv):
-        self.cv = cv
-        self._splits = None
-
-    def split(self, X=None, y=None, groups=None):
-        if self._splits is None:
-            self._splits = list(self.cv.split(X, y, groups))
-        return iter(self._splits)
-
-    def get_n_splits(self, X=None, y=None, groups=None):
-        return self.cv.get_n_splits(X, y, groups)
-
-    def get_metadata_routing(self):
-        return get_routing_for_object(self.cv)  # so `groups` still reaches a group-aware splitter
 
 
 class _FitState:
@@ -83,114 +56,6 @@ class _FitState:
 
     def __reduce__(self):
         return (_FitState, ())
-
-    def failed_on_every_fold(self, n):
-        """For each of the latest `n` candidates scikit-learn evaluated, whether all its fits failed."""
-        _, n_splits, out, _ = self.formatted
-        return failed_on_every_fold(out, n, n_splits)
-
-    def with_failed_step(self, candidates, step, error, error_score):
-        """The arguments of _format_results with rows for `candidates` appended, each fit like scikit-learn's own
-        failed fits: `error_score` as score, `error` as `fit_error`, and no timing."""
-        candidate_params, n_splits, out, more_results = self.formatted
-        template = out[:n_splits]  # the start's fits: the keys of a fit result, and the test sizes per split
-        return (
-            [*candidate_params, *candidates],
-            n_splits,
-            [*out, *(failed_fit_like(template[j], error, error_score) for _ in candidates for j in range(n_splits))],
-            {**more_results, "search_step": [*more_results["search_step"], *[step] * len(candidates)]},
-        )
-
-
-class _Progress:
-    """The search's progress for `verbose=1`: one tqdm bar over candidates, whose total grows as steps are
-    planned, with the step, the best score so far and the grid size after it. At other levels it does nothing."""
-
-    def __init__(self, verbose, grid_size):
-        self.show = verbose == 1
-        self.grid_size = grid_size
-        self.bar = None
-        self.best = "nan"
-
-    def _postfix(self, step):
-        return f"step {step}, best {self.best}, grid {self.grid_size}"
-
-    def plan(self, n, step):
-        if not self.show:
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm  # lazy: only a verbose search needs it
-
-            # Made with the first step's size, so it never shows an empty total.
-            self.bar = tqdm(total=n, desc="BlockTimestepSearchCV", unit="candidate", postfix=self._postfix(step))
-        else:
-            self.bar.total += n
-            self.bar.set_postfix_str(self._postfix(step), refresh=True)
-
-    def done(self, n, step, best):
-        if self.bar is not None:
-            self.best = f"{best:.4g}" if np.isfinite(best) else "nan"
-            self.bar.set_postfix_str(self._postfix(step), refresh=False)
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _Climb:
-    """The running state of one climb over grid points (tuples of value positions, see `_grid`)."""
-
-    def __init__(self, axes, shared, start, *, limit, rng, evaluate_candidates, progress):
-        self.axes, self.shared, self.limit, self.rng = axes, shared, limit, rng
-        self.evaluate_candidates, self.progress = evaluate_candidates, progress
-        self.current, self.best = start, -np.inf
-        self.step = 0
-        self.waited = 0  # consecutive non-improving moves
-        self.scores = {}  # point -> score of the climbed metric (-inf: failed or nan); also the visited set
-        self.path = []  # the entries of search_path_
-
-    def params(self, point):
-        """The axes' values at `point`."""
-        return {name: values[i] for (name, values), i in zip(self.axes, point)}
-
-    def candidate(self, point):
-        """What the estimator gets at `point`: the axes' values and the shared parameters."""
-        return {**self.params(point), **self.shared}
-
-    def unvisited_neighbours(self):
-        """The current point's neighbours not evaluated yet, in axis order, or shuffled when there is an `rng`."""
-        found = [p for p in neighbours(self.current, [len(v) for _, v in self.axes]) if p not in self.scores]
-        if self.rng is not None:
-            found = [found[i] for i in self.rng.permutation(len(found))]
-        return found
-
-    def move_to(self, point, score, move):
-        """Make `point` (scoring `score`) the current point, by a 'start', 'improve' or 'plateau' move."""
-        if move == PLATEAU:
-            self.waited += 1
-        else:
-            self.best, self.waited = score, 0
-        self.current = point
-        self.path.append({
-            "step": self.step, "params": self.candidate(point), "score": np.nan if score == -np.inf else float(score),
-            "move": move, "n_evaluations": len(self.scores), "stopped": None,
-        })
-
-
-def _decide(score, best, *, tol, cut_short, waited, patience):
-    """The move onto the step's best neighbour, which scored `score`: IMPROVE, PLATEAU, or why the climb stops.
-
-    A failed neighbour (score -inf) is never moved onto. When `max_evaluations` cut the batch short, an unevaluated
-    neighbour might still have improved, so the climb stops instead of taking a plateau move.
-    """
-    if score > best + tol:
-        return IMPROVE
-    if cut_short:
-        return MAX_EVALUATIONS
-    if waited < patience and np.isfinite(score):
-        return PLATEAU
-    return LOCAL_OPTIMUM
 
 
 class BlockTimestepSearchCV(BaseSearchCV):
@@ -292,17 +157,8 @@ class BlockTimestepSearchCV(BaseSearchCV):
         error_score=np.nan,
         return_train_score=False,
     ):
-        super().__init__(
-            estimator=estimator,
-            scoring=scoring,
-            n_jobs=n_jobs,
-            refit=refit,
-            cv=cv,
-            verbose=verbose,
-            pre_dispatch=pre_dispatch,
-            error_score=error_score,
-            return_train_score=return_train_score,
-        )
+        super().__init__(estimator=estimator, scoring=scoring, n_jobs=n_jobs, refit=refit, cv=cv, verbose=verbose,
+                         pre_dispatch=pre_dispatch, error_score=error_score, return_train_score=return_train_score)
         self.param_grid = param_grid
         self.start = start
         self.priors = priors
@@ -318,21 +174,9 @@ class BlockTimestepSearchCV(BaseSearchCV):
         return DiffFeatPriors() if isinstance(self.priors, str) else self.priors
 
     def _start_point(self, axes, priors):
-        names = [name for name, _ in axes]
-        point = [len(values) // 2 for _, values in axes]
+        """Where the climb starts: `start` over the priors' choice over the middle of every axis."""
         from_priors = priors.start(self.estimator, dict(axes))
-        for source, chosen in ((f"{priors!r}.start", from_priors), ("start", self.start or {})):
-            for name, value in chosen.items():
-                if name not in names:
-                    raise ValueError(f"{source} names {name!r}, which is not an axis of param_grid; axes: {names}.")
-                k = names.index(name)
-                i = index_of(axes[k][1], value)
-                if i is None:
-                    raise ValueError(
-                        f"{source}[{name!r}]={value!r} is not among param_grid[{name!r}]={axes[k][1]!r}."
-                    )
-                point[k] = i
-        return tuple(point)
+        return grid_point(axes, [(f"{priors!r}.start", from_priors), ("start", self.start or {})])
 
     def _shared_params(self, axes, priors):
         shared = dict(priors.shared_params(self.estimator, dict(axes)))
@@ -358,9 +202,9 @@ class BlockTimestepSearchCV(BaseSearchCV):
         if multilabel and (self.cv is None or isinstance(self.cv, numbers.Integral)):
             # StratifiedKFold (sklearn's classifier default) rejects multi-label targets. scikit-learn's own
             # check_cv gives the same number of splits (KFold(cv) for these targets), so n_splits_ agrees.
-            cv = _FrozenSplits(KFold(5 if self.cv is None else self.cv, shuffle=True, random_state=self.random_state))
+            cv = FrozenSplits(KFold(5 if self.cv is None else self.cv, shuffle=True, random_state=self.random_state))
         elif hasattr(self.cv, "split"):
-            cv = _FrozenSplits(self.cv)
+            cv = FrozenSplits(self.cv)
         # An int gives scikit-learn's unshuffled K-fold and an iterable is listed once by check_cv: both are the
         # same at every step, so scikit-learn's own splitter serves them.
         return scorer, cv
@@ -412,14 +256,14 @@ class BlockTimestepSearchCV(BaseSearchCV):
         state = self._fit_state
         self.grid_size_ = int(np.prod([len(values) for _, values in state.axes]))
         self.shared_params_ = dict(state.shared)
-        climb = _Climb(
+        climb = Climb(
             state.axes,
             state.shared,
             state.start,
             limit=self.max_evaluations if self.max_evaluations is not None else self.grid_size_,
             rng=None if self.random_state is None else check_random_state(self.random_state),
             evaluate_candidates=evaluate_candidates,
-            progress=_Progress(self.verbose, self.grid_size_),
+            progress=Progress(self.verbose, self.grid_size_),
         )
         if state.shared:
             self._say(f"every candidate also gets {state.shared}")
@@ -455,7 +299,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
         new = self._evaluate(climb, batch)
         j = int(np.argmax(new))  # first in neighbour order on ties
         climb.progress.done(len(batch), climb.step, max(climb.best, new[j]))
-        move = _decide(new[j], climb.best, tol=self.tol, cut_short=len(batch) < len(found), waited=climb.waited,
+        move = decide(new[j], climb.best, tol=self.tol, cut_short=len(batch) < len(found), waited=climb.waited,
                        patience=self.patience)
         if move not in (IMPROVE, PLATEAU):
             return move
@@ -480,7 +324,8 @@ class BlockTimestepSearchCV(BaseSearchCV):
             new = self._failed_step(climb, points, candidates, err)
         else:
             new = np.asarray(results[f"mean_test_{self._climb_metric(results)}"][-n:], dtype=float)
-            new = np.where(np.isnan(new) | state.failed_on_every_fold(n), -np.inf, new)
+            _, n_splits, out, _ = state.formatted
+            new = np.where(np.isnan(new) | failed_on_every_fold(out, n, n_splits), -np.inf, new)
         climb.scores.update(zip(points, new.tolist()))
         return new
 
@@ -512,7 +357,9 @@ class BlockTimestepSearchCV(BaseSearchCV):
         """
         state = self._fit_state
         with silenced_non_finite_warning():
-            fresh = super()._format_results(*state.with_failed_step(candidates, step, error, self.error_score))
+            rows = with_failed_candidates(state.formatted, candidates, error, self.error_score,
+                                          {"search_step": [step] * len(candidates)})
+            fresh = super()._format_results(*rows)
         state.results.clear()
         state.results.update(fresh)
 

@@ -25,6 +25,7 @@ from sklearn_difffeat._sklearn_compat import (
     fit_context,
     silenced_fitting_line,
     silenced_non_finite_warning,
+    with_failed_candidates,
 )
 
 
@@ -208,6 +209,24 @@ def test_failed_fit_like_matches_scikit_learns_own_failed_fits(scoring, return_t
         for key in mine:
             if key not in ("fit_time", "score_time"):  # timings are whatever the failed fit took
                 assert mine[key] == theirs[key], changed(f"a failed fit's {key!r} in `out`: {theirs[key]!r}")
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.filterwarnings("ignore:One or more of the (test|train) scores are non-finite")
+@pytest.mark.parametrize("scoring", [None, {"land": _land, "neg": _land}])
+def test_with_failed_candidates_rebuilds_the_rows_scikit_learn_drops(scoring):
+    est = Breaks(table=(1.0, 2.0), broken=(1,))
+    kw = dict(scoring=scoring, error_score=-7.0, return_train_score=True, own_scorer=False)
+    # The reference: x=1 fails beside x=0 in one call, so scikit-learn keeps its row.
+    ref = Probe(est, [[{"x": 0}, {"x": 1}]], **kw).fit(*data())
+    # x=1 fails alone in a call of its own, which raises and drops it; its row is rebuilt.
+    probe = Probe(est, [[{"x": 0}], [{"x": 1}]], **kw).fit(*data())
+    rows = with_failed_candidates(probe.formatted_, [{"x": 1}], "ValueError: x=1 is broken", -7.0, {"step": [0]})
+    rebuilt = BaseSearchCV._format_results(probe, *rows)
+    assert set(rebuilt) == set(ref.cv_results_), changed(f"the columns of cv_results_: {sorted(ref.cv_results_)}")
+    for key, theirs in ref.cv_results_.items():
+        if not key.endswith("_time"):  # timings are whatever the fits took
+            np.testing.assert_array_equal(rebuilt[key], theirs, err_msg=changed(f"how a failed fit shows in {key}"))
 
 
 def test_non_finite_scores_warning_matches_and_is_silenced():
