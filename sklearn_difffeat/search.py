@@ -12,10 +12,14 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import FitFailedWarning
-from sklearn.model_selection import KFold
+from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import type_of_target
 
@@ -137,26 +141,33 @@ class BlockTimestepSearchCV(BaseSearchCV):
         "random_state": ["random_state"],
     }
 
+    search_path_: list[dict[str, Any]]
+    stopped_reason_: str
+    n_evaluations_: int
+    grid_size_: int
+    start_params_: dict[str, Any]
+    shared_params_: dict[str, Any]
+
     def __init__(
         self,
-        estimator,
-        param_grid,
+        estimator: BaseEstimator,
+        param_grid: dict[str, Iterable[Any]],
         *,
-        start=None,
-        priors="diff-feat",
-        scoring=None,
-        cv=5,
-        refit=True,
-        n_jobs=None,
-        max_evaluations=None,
-        patience=0,
-        tol=0.0,
-        random_state=None,
-        verbose=0,
-        pre_dispatch="2*n_jobs",
-        error_score=np.nan,
-        return_train_score=False,
-    ):
+        start: dict[str, Any] | None = None,
+        priors: Literal["diff-feat"] | SearchPriors | None = "diff-feat",
+        scoring: str | Callable | list | tuple | dict | None = None,
+        cv: int | BaseCrossValidator | Iterable | None = 5,
+        refit: bool | str | Callable = True,
+        n_jobs: int | None = None,
+        max_evaluations: int | None = None,
+        patience: int = 0,
+        tol: float = 0.0,
+        random_state: int | np.random.RandomState | None = None,
+        verbose: int = 0,
+        pre_dispatch: int | str = "2*n_jobs",
+        error_score: Literal["raise"] | float = np.nan,
+        return_train_score: bool = False,
+    ) -> None:
         super().__init__(estimator=estimator, scoring=scoring, n_jobs=n_jobs, refit=refit, cv=cv, verbose=verbose,
                          pre_dispatch=pre_dispatch, error_score=error_score, return_train_score=return_train_score)
         self.param_grid = param_grid
@@ -210,7 +221,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
         return scorer, cv
 
     @fit_context(prefer_skip_nested_validation=False)
-    def fit(self, X, y=None, **params):
+    def fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> BlockTimestepSearchCV:
         """Run the local search, then refit the best candidate on all of (X, y) if `refit`.
 
         Parameters are those of `GridSearchCV.fit`.
@@ -256,15 +267,10 @@ class BlockTimestepSearchCV(BaseSearchCV):
         state = self._fit_state
         self.grid_size_ = int(np.prod([len(values) for _, values in state.axes]))
         self.shared_params_ = dict(state.shared)
-        climb = Climb(
-            state.axes,
-            state.shared,
-            state.start,
-            limit=self.max_evaluations if self.max_evaluations is not None else self.grid_size_,
-            rng=None if self.random_state is None else check_random_state(self.random_state),
-            evaluate_candidates=evaluate_candidates,
-            progress=Progress(self.verbose, self.grid_size_),
-        )
+        limit = self.max_evaluations if self.max_evaluations is not None else self.grid_size_
+        rng = None if self.random_state is None else check_random_state(self.random_state)
+        climb = Climb(state.axes, state.shared, state.start, limit=limit, rng=rng,
+                      evaluate_candidates=evaluate_candidates, progress=Progress(self.verbose, self.grid_size_))
         if state.shared:
             self._say(f"every candidate also gets {state.shared}")
         try:
@@ -368,10 +374,8 @@ class BlockTimestepSearchCV(BaseSearchCV):
         climb.path[-1]["stopped"] = reason
         self.stopped_reason_ = reason
         self.n_evaluations_ = len(climb.scores)
-        self._say(
-            f"stopped ({reason}) after {self.n_evaluations_} of {self.grid_size_} candidates; "
-            f"axes {[name for name, _ in climb.axes]}"
-        )
+        names = [name for name, _ in climb.axes]
+        self._say(f"stopped ({reason}) after {self.n_evaluations_} of {self.grid_size_} candidates; axes {names}")
 
     def _say(self, message):
         """A line of the `verbose >= 2` log."""

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
 
 from ._grid import index_of
 
@@ -27,15 +29,15 @@ __all__ = ["DiffFeatPriors", "SearchPriors"]
 class SearchPriors:
     """Neutral priors: start in the middle of every axis, share nothing. Subclass and override either method."""
 
-    def start(self, estimator, axes):
+    def start(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """Starting values, {name: value} for some or all axes; `axes` maps each name to its list of values."""
         return {}
 
-    def shared_params(self, estimator, axes):
+    def shared_params(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """Parameters (not axes of the grid) that every candidate gets, as {name: value}."""
         return {}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
@@ -108,7 +110,7 @@ class DiffFeatPriors(SearchPriors):
     announcement and fail only their own candidates.
     """
 
-    def start(self, estimator, axes):
+    def start(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         chosen = {}
         for name, values in axes.items():
             candidates = values
@@ -138,7 +140,7 @@ class DiffFeatPriors(SearchPriors):
             pass
         return middle
 
-    def shared_params(self, estimator, axes):
+    def shared_params(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         params = estimator.get_params()
         shared = {}
         for name, values in axes.items():
