@@ -2,6 +2,7 @@
 
 import re
 
+import distributed
 import joblib
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from search_estimators import GRID, PEAK, Breaks, FoldSum, Landscape, NoisyMulti
 from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import GridSearchCV, KFold
 
+from sklearn_difffeat.metrics import map_scorer
 from sklearn_difffeat.search import BlockTimestepSearchCV
 
 
@@ -202,9 +204,6 @@ def test_multimetric_climbs_the_refit_metric():
 
 
 def test_default_map_scorer_and_kfold_on_multilabel():
-    pytest.importorskip("sklearn_difffeat.metrics")
-    from sklearn_difffeat.metrics import map_scorer
-
     rng = np.random.default_rng(0)
     Y = (rng.random((120, 4)) < 0.3).astype(int)
     X = np.hstack([Y, rng.normal(size=Y.shape)])
@@ -221,7 +220,6 @@ def test_default_map_scorer_and_kfold_on_multilabel():
 
 
 def test_dask_local_cluster_of_processes():
-    distributed = pytest.importorskip("distributed")
     grid = {"image__block": list(range(1, 9)), "image__timestep": [0, 100, 200, 300, 400],
             "text__block": [8, 10, 12], "text__timestep": [0.0, 0.2]}
     X, y = data()
