@@ -13,9 +13,9 @@ the following, which `tests/test_sklearn_compat.py` checks against the installed
   `_format_results(candidate_params, n_splits, out, more_results)` returning the results dict (the search keeps
   its arguments to tell which candidates failed on every fold and to restore the rows of a failed step).
 - `evaluate_candidates(candidate_params, cv=..., more_results=...)`: scores one batch on the given splitter
-  (which it splits anew at every call), prints its "Fitting ..." line whenever `search.verbose > 0` at the time of
-  the call, and returns the results of all calls so far, the very dict `fit` then ranks and keeps as
-  `cv_results_` (so updating it in place reaches `cv_results_`).
+  (which it splits anew at every call: hence `FrozenSplits`), prints its "Fitting ..." line whenever
+  `search.verbose > 0` at the time of the call, and returns the results of all calls so far, the very dict `fit`
+  then ranks and keeps as `cv_results_` (so updating it in place reaches `cv_results_`).
 - `out`, the per-fit results `_format_results` receives: one dict per (candidate, split), candidate-major, with
   `fit_error` (None or the traceback text), `test_scores` (and `train_scores`), `n_test_samples`, `fit_time`
   and `score_time`; a failed fit scores `error_score`.
@@ -23,6 +23,9 @@ the following, which `tests/test_sklearn_compat.py` checks against the installed
   fits failed" (its rows are then dropped from the results) whose details end each traceback after a line of
   dashes; and `_format_results` warns "One or more of the test scores are non-finite" at every call once a
   candidate has failed.
+
+`fit` also ships the search object itself with every fit task (as `caller`); the search keeps that payload small
+(its per-fit state pickles empty), but nothing breaks if scikit-learn stops doing it.
 """
 
 from __future__ import annotations
