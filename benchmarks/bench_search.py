@@ -9,14 +9,19 @@ ratios. Sections are listed in SECTIONS at the bottom; a section is a function o
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV, KFold
 
 from sklearn_difffeat.search import BlockTimestepSearchCV
+
+# The synthetic landscapes are the search tests' own (tests/search_estimators.py), so both check the same thing.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from search_estimators import GRID, PEAK, Branch, Landscape, landscape_max
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -57,63 +62,29 @@ def compare(title, estimator, grid, X, y, args, known_best=None):
 # ----------------------------------------------------------------------------------------------------------
 # Section 1: synthetic landscape (known optimum; each fit does a small real Ridge fit to cost something)
 
-AXES = {
-    "image__block": list(range(1, 29)),
-    "image__timestep": [0, 50, 100, 200, 300, 400, 500, 600, 700, 900],
-    "text__block": list(range(1, 13)),
-    "text__timestep": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-}
-SCALE = np.array([1.0, 100.0, 1.0, 0.1])
 
+class CostlyLandscape(Landscape):
+    """The tests' landscape (known optimum), whose fit also does a small Ridge fit so that a fit costs something."""
 
-class Branch(BaseEstimator):
-    def __init__(self, block=1, timestep=0):
-        self.block = block
-        self.timestep = timestep
-
-
-class Landscape(RegressorMixin, BaseEstimator):
-    """Score = max over peaks of (height - squared scaled distance); fit does a Ridge fit for realistic cost."""
-
-    def __init__(self, image=None, text=None, peaks=((1.0, (14, 200, 10, 0.2)),)):
-        self.image = image
-        self.text = text
-        self.peaks = peaks
-
-    def value(self):
-        x = np.array([self.image.block, self.image.timestep, self.text.block, self.text.timestep], float)
-        return max(h - float(np.sum(((x - np.asarray(c, float)) / SCALE) ** 2)) for h, c in self.peaks)
-
-    def fit(self, X, y):
-        self.ridge_ = Ridge().fit(X, y)
-        return self
-
-    def predict(self, X):
-        return self.ridge_.predict(X)
-
-    def score(self, X, y):
-        return self.value()
-
-
-def true_max(peaks, grid):
-    points = np.stack(np.meshgrid(*[np.asarray(v, float) for v in grid.values()], indexing="ij"), -1)
-    return max(float(np.max(h - np.sum(((points - np.asarray(c, float)) / SCALE) ** 2, -1))) for h, c in peaks)
+    def fit(self, X, y=None):
+        Ridge().fit(X, y)
+        return super().fit(X, y)
 
 
 def section_synthetic(args):
-    grid = dict(AXES)
+    grid = dict(GRID)
     if args.quick:  # fewer blocks, same timesteps: 12 x 10 x 7 x 6
         grid.update({"image__block": list(range(8, 20)), "text__block": list(range(6, 13))})
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 16))
     y = X @ rng.normal(size=16)
-    unimodal = ((1.0, (14, 200, 10, 0.2)),)
-    compare("synthetic, one peak", Landscape(Branch(), Branch(), unimodal), grid, X, y, args,
-            known_best=true_max(unimodal, grid))
+    unimodal = ((1.0, PEAK),)
+    compare("synthetic, one peak", CostlyLandscape(Branch(), Branch(), unimodal), grid, X, y, args,
+            known_best=landscape_max(unimodal, grid))
     # A second, higher peak far from the priors: local search is expected to stop at the lower one.
-    two_peaks = ((1.0, (14, 200, 10, 0.2)), (5.0, (25, 0, 2, 0.5)))
-    compare("synthetic, two peaks", Landscape(Branch(), Branch(), two_peaks), grid, X, y, args,
-            known_best=true_max(two_peaks, grid))
+    two_peaks = ((1.0, PEAK), (5.0, (25, 0, 2, 0.5)))
+    compare("synthetic, two peaks", CostlyLandscape(Branch(), Branch(), two_peaks), grid, X, y, args,
+            known_best=landscape_max(two_peaks, grid))
 
 
 # ----------------------------------------------------------------------------------------------------------

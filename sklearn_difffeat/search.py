@@ -11,112 +11,37 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import numpy as np
-from sklearn.base import _fit_context
+from numpy.typing import ArrayLike
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import FitFailedWarning
-from sklearn.model_selection import KFold
-from sklearn.model_selection._search import BaseSearchCV
+from sklearn.model_selection import BaseCrossValidator, KFold
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.metadata_routing import get_routing_for_object
 from sklearn.utils.multiclass import type_of_target
 
+from ._climb import IMPROVE, LOCAL_OPTIMUM, MAX_EVALUATIONS, PLATEAU, START, Climb, Progress, decide
+from ._grid import check_axes, grid_point
+from ._sklearn_compat import (
+    BaseSearchCV,
+    FrozenSplits,
+    HasMethods,
+    Interval,
+    StrOptions,
+    all_fits_failed,
+    failed_on_every_fold,
+    failure_summary,
+    fit_context,
+    silenced_fitting_line,
+    silenced_non_finite_warning,
+    with_failed_candidates,
+)
 from .search_priors import DiffFeatPriors, SearchPriors
 
 __all__ = ["BlockTimestepSearchCV"]
-
-LOCAL_OPTIMUM = "local_optimum"
-MAX_EVALUATIONS = "max_evaluations"
-
-
-def _same(a, b):
-    """Equality that tolerates values whose `==` is not a plain bool (arrays, estimators)."""
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except (TypeError, ValueError):
-        return False
-
-
-def _index_of(values, value):
-    for i, v in enumerate(values):
-        if _same(v, value):
-            return i
-    return None
-
-
-def _check_axes(param_grid):
-    """Return [(name, values)] in the given order, with clear errors naming the faulty axis."""
-    if not isinstance(param_grid, Mapping) or len(param_grid) == 0:
-        raise ValueError("param_grid must be a non-empty dict mapping parameter names to ordered values.")
-    axes = []
-    for name, values in param_grid.items():
-        if not isinstance(name, str):
-            raise ValueError(f"param_grid keys must be parameter names (str), got {name!r}.")
-        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
-            raise ValueError(
-                f"param_grid[{name!r}] must be an ordered sequence of values (list, tuple, range, 1-D array), "
-                f"got {type(values).__name__}."
-            )
-        values = list(values)
-        if not values:
-            raise ValueError(f"param_grid[{name!r}] is empty: each axis needs at least one value.")
-        for i, v in enumerate(values):
-            j = _index_of(values[:i], v)
-            if j is not None:
-                raise ValueError(f"param_grid[{name!r}] has the duplicate value {v!r} (positions {j} and {i}).")
-        axes.append((name, values))
-    return axes
-
-
-class _FrozenSplits:
-    """Splits computed once and reused, so every search step scores candidates on the same folds.
-
-    `evaluate_candidates` calls `cv.split` at each step; a shuffling splitter without an integer seed would
-    otherwise give each step different folds and make scores of different steps incomparable.
-    """
-
-    def __init__(self, cv):
-        self.cv = cv
-        self._splits = None
-
-    def split(self, X=None, y=None, groups=None):
-        if self._splits is None:
-            self._splits = list(self.cv.split(X, y, groups))
-        return iter(self._splits)
-
-    def get_n_splits(self, X=None, y=None, groups=None):
-        return self.cv.get_n_splits(X, y, groups)
-
-    def get_metadata_routing(self):
-        return get_routing_for_object(self.cv)  # so `groups` still reaches a group-aware splitter
-
-
-_ALL_FAILED = re.compile(r"All the \d+ fits failed")
-_NON_FINITE = r"One or more of the (test|train) scores are non-finite"
-
-
-def _all_fits_failed(err):
-    """Whether `err` is scikit-learn's "All the N fits failed" error (it has no class of its own)."""
-    return isinstance(err, ValueError) and _ALL_FAILED.search(str(err)) is not None
-
-
-def _failure_summary(err):
-    """The last line of each distinct traceback in scikit-learn's "fits failed" message, e.g.
-    "ValueError: block=99 is out of range ...", joined by " | "."""
-    text = str(err)
-    _, _, details = text.partition("Below are more details about the failures:")
-    lines = []
-    for chunk in re.split(r"-{20,}\n", details):
-        tail = [ln.strip() for ln in chunk.strip().splitlines() if ln.strip()]
-        if tail and tail[-1] not in lines:
-            lines.append(tail[-1])
-    return " | ".join(lines) if lines else text.strip()
 
 
 class _FitState:
@@ -130,77 +55,11 @@ class _FitState:
 
     def __init__(self, axes=None, start=None, shared=None, cv=None, scorer=None):
         self.axes, self.start, self.shared, self.cv, self.scorer = axes, start, shared, cv, scorer
-        self.failed = None  # (candidates, step, error) of a step where every fit failed: always the last step
         self.formatted = None  # the latest arguments of _format_results: scikit-learn's running lists
         self.results = None  # the latest results dict, the very object `BaseSearchCV.fit` keeps as cv_results_
 
     def __reduce__(self):
         return (_FitState, ())
-
-    def failed_on_every_fold(self, n):
-        """For each of the latest `n` candidates scikit-learn evaluated, whether all its fits failed."""
-        _, n_splits, out, _ = self.formatted
-        fits = out[len(out) - n * n_splits :]
-        return np.array(
-            [all(f["fit_error"] is not None for f in fits[i * n_splits : (i + 1) * n_splits]) for i in range(n)]
-        )
-
-    def with_failed_step(self, error_score):
-        """The arguments of _format_results with the failed step's rows appended, each fit like scikit-learn's own
-        failed fits: `error_score` as score, the error as `fit_error`, and no timing."""
-        candidate_params, n_splits, out, more_results = self.formatted
-        candidates, step, error = self.failed
-        template = out[:n_splits]  # the start's fits: the keys of a fit result, and the test sizes per split
-
-        def failed_fit(split):
-            fit = dict(template[split], fit_error=error, fit_time=np.nan, score_time=np.nan)
-            for key in ("test_scores", "train_scores"):
-                if key in fit:
-                    fit[key] = dict.fromkeys(fit[key], error_score) if isinstance(fit[key], dict) else error_score
-            return fit
-
-        return (
-            [*candidate_params, *candidates],
-            n_splits,
-            [*out, *(failed_fit(j) for _ in candidates for j in range(n_splits))],
-            {**more_results, "search_step": [*more_results["search_step"], *[step] * len(candidates)]},
-        )
-
-
-class _Progress:
-    """The search's progress for `verbose=1`: one tqdm bar over candidates, whose total grows as steps are
-    planned, with the step, the best score so far and the grid size after it. At other levels it does nothing."""
-
-    def __init__(self, verbose, grid_size):
-        self.show = verbose == 1
-        self.grid_size = grid_size
-        self.bar = None
-        self.best = "nan"
-
-    def _postfix(self, step):
-        return f"step {step}, best {self.best}, grid {self.grid_size}"
-
-    def plan(self, n, step):
-        if not self.show:
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm  # lazy: only a verbose search needs it
-
-            # Made with the first step's size, so it never shows an empty total.
-            self.bar = tqdm(total=n, desc="BlockTimestepSearchCV", unit="candidate", postfix=self._postfix(step))
-        else:
-            self.bar.total += n
-            self.bar.set_postfix_str(self._postfix(step), refresh=True)
-
-    def done(self, n, step, best):
-        if self.bar is not None:
-            self.best = f"{best:.4g}" if np.isfinite(best) else "nan"
-            self.bar.set_postfix_str(self._postfix(step), refresh=False)
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 class BlockTimestepSearchCV(BaseSearchCV):
@@ -282,37 +141,35 @@ class BlockTimestepSearchCV(BaseSearchCV):
         "random_state": ["random_state"],
     }
 
+    search_path_: list[dict[str, Any]]
+    stopped_reason_: str
+    n_evaluations_: int
+    grid_size_: int
+    start_params_: dict[str, Any]
+    shared_params_: dict[str, Any]
+
     def __init__(
         self,
-        estimator,
-        param_grid,
+        estimator: BaseEstimator,
+        param_grid: dict[str, Iterable[Any]],
         *,
-        start=None,
-        priors="diff-feat",
-        scoring=None,
-        cv=5,
-        refit=True,
-        n_jobs=None,
-        max_evaluations=None,
-        patience=0,
-        tol=0.0,
-        random_state=None,
-        verbose=0,
-        pre_dispatch="2*n_jobs",
-        error_score=np.nan,
-        return_train_score=False,
-    ):
-        super().__init__(
-            estimator=estimator,
-            scoring=scoring,
-            n_jobs=n_jobs,
-            refit=refit,
-            cv=cv,
-            verbose=verbose,
-            pre_dispatch=pre_dispatch,
-            error_score=error_score,
-            return_train_score=return_train_score,
-        )
+        start: dict[str, Any] | None = None,
+        priors: Literal["diff-feat"] | SearchPriors | None = "diff-feat",
+        scoring: str | Callable | list | tuple | dict | None = None,
+        cv: int | BaseCrossValidator | Iterable | None = 5,
+        refit: bool | str | Callable = True,
+        n_jobs: int | None = None,
+        max_evaluations: int | None = None,
+        patience: int = 0,
+        tol: float = 0.0,
+        random_state: int | np.random.RandomState | None = None,
+        verbose: int = 0,
+        pre_dispatch: int | str = "2*n_jobs",
+        error_score: Literal["raise"] | float = np.nan,
+        return_train_score: bool = False,
+    ) -> None:
+        super().__init__(estimator=estimator, scoring=scoring, n_jobs=n_jobs, refit=refit, cv=cv, verbose=verbose,
+                         pre_dispatch=pre_dispatch, error_score=error_score, return_train_score=return_train_score)
         self.param_grid = param_grid
         self.start = start
         self.priors = priors
@@ -328,21 +185,9 @@ class BlockTimestepSearchCV(BaseSearchCV):
         return DiffFeatPriors() if isinstance(self.priors, str) else self.priors
 
     def _start_point(self, axes, priors):
-        names = [name for name, _ in axes]
-        point = [len(values) // 2 for _, values in axes]
+        """Where the climb starts: `start` over the priors' choice over the middle of every axis."""
         from_priors = priors.start(self.estimator, dict(axes))
-        for source, chosen in ((f"{priors!r}.start", from_priors), ("start", self.start or {})):
-            for name, value in chosen.items():
-                if name not in names:
-                    raise ValueError(f"{source} names {name!r}, which is not an axis of param_grid; axes: {names}.")
-                k = names.index(name)
-                i = _index_of(axes[k][1], value)
-                if i is None:
-                    raise ValueError(
-                        f"{source}[{name!r}]={value!r} is not among param_grid[{name!r}]={axes[k][1]!r}."
-                    )
-                point[k] = i
-        return tuple(point)
+        return grid_point(axes, [(f"{priors!r}.start", from_priors), ("start", self.start or {})])
 
     def _shared_params(self, axes, priors):
         shared = dict(priors.shared_params(self.estimator, dict(axes)))
@@ -368,20 +213,20 @@ class BlockTimestepSearchCV(BaseSearchCV):
         if multilabel and (self.cv is None or isinstance(self.cv, numbers.Integral)):
             # StratifiedKFold (sklearn's classifier default) rejects multi-label targets. scikit-learn's own
             # check_cv gives the same number of splits (KFold(cv) for these targets), so n_splits_ agrees.
-            cv = _FrozenSplits(KFold(5 if self.cv is None else self.cv, shuffle=True, random_state=self.random_state))
+            cv = FrozenSplits(KFold(5 if self.cv is None else self.cv, shuffle=True, random_state=self.random_state))
         elif hasattr(self.cv, "split"):
-            cv = _FrozenSplits(self.cv)
+            cv = FrozenSplits(self.cv)
         # An int gives scikit-learn's unshuffled K-fold and an iterable is listed once by check_cv: both are the
         # same at every step, so scikit-learn's own splitter serves them.
         return scorer, cv
 
-    @_fit_context(prefer_skip_nested_validation=False)
-    def fit(self, X, y=None, **params):
+    @fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> BlockTimestepSearchCV:
         """Run the local search, then refit the best candidate on all of (X, y) if `refit`.
 
         Parameters are those of `GridSearchCV.fit`.
         """
-        axes = _check_axes(self.param_grid)
+        axes = check_axes(self.param_grid)
         priors = self._resolved_priors()
         start = self._start_point(axes, priors)
         shared = self._shared_params(axes, priors)
@@ -404,26 +249,9 @@ class BlockTimestepSearchCV(BaseSearchCV):
         if state is None or state.axes is None:
             return super()._format_results(candidate_params, n_splits, out, more_results)
         state.formatted = (candidate_params, n_splits, out, more_results)
-        with warnings.catch_warnings():
-            # Said once, at the end of the search, instead of at every step after a failure.
-            warnings.filterwarnings("ignore", message=_NON_FINITE, category=UserWarning)
+        with silenced_non_finite_warning():  # said once, at the end of the search, instead of at every step
             state.results = super()._format_results(candidate_params, n_splits, out, more_results)
         return state.results
-
-    @contextlib.contextmanager
-    def _quiet_sklearn(self):
-        """At verbose=1 the progress bar replaces scikit-learn's "Fitting N folds for each of M candidates" line,
-        which `evaluate_candidates` prints whenever `self.verbose > 0` and has no other switch for; per-fit lines
-        only come at verbose > 1, so nothing else is lost."""
-        verbose = self.verbose
-        if verbose != 1:
-            yield
-            return
-        self.verbose = 0
-        try:
-            yield
-        finally:
-            self.verbose = verbose
 
     def _climb_metric(self, results):
         if isinstance(self.refit, str) and f"mean_test_{self.refit}" in results:
@@ -437,126 +265,122 @@ class BlockTimestepSearchCV(BaseSearchCV):
 
     def _run_search(self, evaluate_candidates):
         state = self._fit_state
-        axes = state.axes
-        names = [name for name, _ in axes]
-        rng = None if self.random_state is None else check_random_state(self.random_state)
-        self.grid_size_ = int(np.prod([len(values) for _, values in axes]))
+        self.grid_size_ = int(np.prod([len(values) for _, values in state.axes]))
         self.shared_params_ = dict(state.shared)
         limit = self.max_evaluations if self.max_evaluations is not None else self.grid_size_
-        talk = self.verbose >= 2
-        if talk and state.shared:
-            print(f"[BlockTimestepSearchCV] every candidate also gets {state.shared}")
-
-        def point_params(point):
-            return {name: values[i] for (name, values), i in zip(axes, point)}
-
-        def candidate(point):
-            return {**point_params(point), **state.shared}
-
-        scores = {}  # point -> mean test score of the climbed metric (-inf: failed); doubles as the visited set
-
-        def evaluate(points, step):
-            candidates = [candidate(p) for p in points]
-            n = len(points)
-            progress.plan(n, step)
-            try:
-                with self._quiet_sklearn():
-                    results = evaluate_candidates(candidates, cv=state.cv, more_results={"search_step": [step] * n})
-            except ValueError as err:
-                if self.error_score == "raise" or not _all_fits_failed(err):
-                    raise
-                summary = _failure_summary(err)
-                if step == 0:
-                    raise ValueError(
-                        f"The search's start point {candidates[0]} failed on every CV fold, so there is nothing to "
-                        f"climb from: {summary}. Fix the estimator, or pass `start=` a point of the grid that fits "
-                        "(error_score='raise' shows the full traceback)."
-                    ) from err
-                warnings.warn(
-                    f"Step {step} of the search: every fit of its {n} candidate(s) failed, so none of them is a "
-                    f"move: {[point_params(p) for p in points]}: {summary}",
-                    FitFailedWarning,
-                    stacklevel=2,
-                )
-                state.failed = (candidates, step, summary)
-                new = np.full(n, -np.inf)  # nothing beats the best, so this step ends the search
-            else:
-                metric = self._climb_metric(results)
-                new = np.asarray(results[f"mean_test_{metric}"][-n:], dtype=float)
-                # A candidate that failed on every fold (whatever error_score says) or scored nan never wins.
-                new = np.where(np.isnan(new) | state.failed_on_every_fold(n), -np.inf, new)
-            scores.update(zip(points, new.tolist()))
-            return new
-
-        progress = _Progress(self.verbose, self.grid_size_)
+        rng = None if self.random_state is None else check_random_state(self.random_state)
+        climb = Climb(state.axes, state.shared, state.start, limit=limit, rng=rng,
+                      evaluate_candidates=evaluate_candidates, progress=Progress(self.verbose, self.grid_size_))
+        if state.shared:
+            self._say(f"every candidate also gets {state.shared}")
         try:
-            current = state.start
-            best = evaluate([current], 0)[0]
-            progress.done(1, 0, best)
-            self.start_params_ = point_params(current)
-            self.search_path_ = [self._path_entry(0, candidate(current), best, "start", len(scores))]
-            if talk:
-                print(f"[BlockTimestepSearchCV] start at {self.start_params_} score={best:.6g}")
-            waited, step = 0, 0
-            while True:
-                neighbours = []
-                for k, (_, values) in enumerate(axes):
-                    for d in (-1, 1):
-                        i = current[k] + d
-                        if 0 <= i < len(values):
-                            p = (*current[:k], i, *current[k + 1 :])
-                            if p not in scores:
-                                neighbours.append(p)
-                if rng is not None:
-                    neighbours = [neighbours[i] for i in rng.permutation(len(neighbours))]
-                budget = limit - len(scores)
-                if not neighbours:
-                    reason = LOCAL_OPTIMUM
-                    break
-                if budget <= 0:
-                    reason = MAX_EVALUATIONS
-                    break
-                batch = neighbours[:budget]
-                step += 1
-                if talk:
-                    print(f"[BlockTimestepSearchCV] step {step}: {len(batch)} neighbour(s) of {point_params(current)}")
-                new = evaluate(batch, step)
-                j = int(np.argmax(new))  # first in neighbour order on ties
-                progress.done(len(batch), step, max(best, new[j]))
-                if new[j] > best + self.tol:
-                    move, waited, best = "improve", 0, new[j]
-                elif len(batch) < len(neighbours):
-                    reason = MAX_EVALUATIONS  # an unevaluated neighbour might still have improved
-                    break
-                elif waited < self.patience and np.isfinite(new[j]):  # never a move onto a failed point
-                    move, waited = "plateau", waited + 1
-                else:
-                    reason = LOCAL_OPTIMUM
-                    break
-                current = batch[j]
-                self.search_path_.append(self._path_entry(step, candidate(current), new[j], move, len(scores)))
-                if talk:
-                    print(f"[BlockTimestepSearchCV] step {step}: {move} to {point_params(current)} score={new[j]:.6g}")
+            self._start(climb)
+            reason = None
+            while reason is None:
+                reason = self._step(climb)
         finally:
-            progress.close()
+            climb.progress.close()
+        self._finish(climb, reason)
 
-        if state.failed is not None:
-            # scikit-learn drops a call whose fits all failed; put its rows back in the very dict BaseSearchCV.fit
-            # goes on to rank, pick best_params_ and refit from, and keep as cv_results_.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NON_FINITE, category=UserWarning)
-                fresh = super()._format_results(*state.with_failed_step(self.error_score))
-            state.results.clear()
-            state.results.update(fresh)
-        self._warn_non_finite(state.results)
-        self.search_path_[-1]["stopped"] = reason
+    def _start(self, climb):
+        best = self._evaluate(climb, [climb.current])[0]
+        climb.progress.done(1, 0, best)
+        self.start_params_ = climb.params(climb.current)
+        climb.move_to(climb.current, best, START)
+        self.search_path_ = climb.path
+        self._say(f"start at {self.start_params_} score={best:.6g}")
+
+    def _step(self, climb):
+        """Score the unvisited neighbours of the current point and move to the best one; the reason the climb
+        stops, or None."""
+        found = climb.unvisited_neighbours()
+        budget = climb.limit - len(climb.scores)
+        if not found:
+            return LOCAL_OPTIMUM
+        if budget <= 0:
+            return MAX_EVALUATIONS
+        batch = found[:budget]
+        climb.step += 1
+        self._say(f"step {climb.step}: {len(batch)} neighbour(s) of {climb.params(climb.current)}")
+        new = self._evaluate(climb, batch)
+        j = int(np.argmax(new))  # first in neighbour order on ties
+        climb.progress.done(len(batch), climb.step, max(climb.best, new[j]))
+        move = decide(new[j], climb.best, tol=self.tol, cut_short=len(batch) < len(found), waited=climb.waited,
+                       patience=self.patience)
+        if move not in (IMPROVE, PLATEAU):
+            return move
+        climb.move_to(batch[j], new[j], move)
+        self._say(f"step {climb.step}: {move} to {climb.params(climb.current)} score={new[j]:.6g}")
+        return None
+
+    def _evaluate(self, climb, points):
+        """Score `points` in one `evaluate_candidates` call, as the climbed metric; -inf for a candidate that failed
+        on every fold or scored nan, so that it never wins."""
+        state, step, n = self._fit_state, climb.step, len(points)
+        candidates = [climb.candidate(p) for p in points]
+        climb.progress.plan(n, step)
+        # At verbose=1 the progress bar replaces scikit-learn's "Fitting ..." line.
+        quiet = silenced_fitting_line(self) if self.verbose == 1 else contextlib.nullcontext()
+        try:
+            with quiet:
+                results = climb.evaluate_candidates(candidates, cv=state.cv, more_results={"search_step": [step] * n})
+        except ValueError as err:
+            if self.error_score == "raise" or not all_fits_failed(err):
+                raise
+            new = self._failed_step(climb, points, candidates, err)
+        else:
+            new = np.asarray(results[f"mean_test_{self._climb_metric(results)}"][-n:], dtype=float)
+            _, n_splits, out, _ = state.formatted
+            new = np.where(np.isnan(new) | failed_on_every_fold(out, n, n_splits), -np.inf, new)
+        climb.scores.update(zip(points, new.tolist()))
+        return new
+
+    def _failed_step(self, climb, points, candidates, err):
+        """A step whose fits all failed, which scikit-learn raises for: an error at the start, where there is
+        nothing to climb from; elsewhere a warning, the step's rows in cv_results_, and -inf scores."""
+        summary = failure_summary(err)
+        if climb.step == 0:
+            raise ValueError(
+                f"The search's start point {candidates[0]} failed on every CV fold, so there is nothing to "
+                f"climb from: {summary}. Fix the estimator, or pass `start=` a point of the grid that fits "
+                "(error_score='raise' shows the full traceback)."
+            ) from err
+        warnings.warn(
+            f"Step {climb.step} of the search: every fit of its {len(points)} candidate(s) failed, so none of them "
+            f"is a move: {[climb.params(p) for p in points]}: {summary}",
+            FitFailedWarning,
+            stacklevel=4,
+        )
+        self._restore_failed_rows(candidates, climb.step, summary)
+        return np.full(len(points), -np.inf)  # nothing beats the best, so this step ends the climb
+
+    def _restore_failed_rows(self, candidates, step, error):
+        """Put the rows of a step whose fits all failed into cv_results_, as scikit-learn shows failed fits.
+
+        `evaluate_candidates` drops them when it raises. They go into the very dict `BaseSearchCV.fit` goes on to
+        rank, pick `best_params_` from and keep as `cv_results_`. Such a step always ends the climb (no move onto
+        a -inf score), so no later `evaluate_candidates` call rebuilds the results without them.
+        """
+        state = self._fit_state
+        with silenced_non_finite_warning():
+            rows = with_failed_candidates(state.formatted, candidates, error, self.error_score,
+                                          {"search_step": [step] * len(candidates)})
+            fresh = super()._format_results(*rows)
+        state.results.clear()
+        state.results.update(fresh)
+
+    def _finish(self, climb, reason):
+        self._warn_non_finite(self._fit_state.results)
+        climb.path[-1]["stopped"] = reason
         self.stopped_reason_ = reason
-        self.n_evaluations_ = len(scores)
-        if talk:
-            print(
-                f"[BlockTimestepSearchCV] stopped ({reason}) after {self.n_evaluations_} of {self.grid_size_} "
-                f"candidates; axes {names}"
-            )
+        self.n_evaluations_ = len(climb.scores)
+        names = [name for name, _ in climb.axes]
+        self._say(f"stopped ({reason}) after {self.n_evaluations_} of {self.grid_size_} candidates; axes {names}")
+
+    def _say(self, message):
+        """A line of the `verbose >= 2` log."""
+        if self.verbose >= 2:
+            print(f"[BlockTimestepSearchCV] {message}")
 
     @staticmethod
     def _warn_non_finite(results):
@@ -570,11 +394,5 @@ class BlockTimestepSearchCV(BaseSearchCV):
                 f"scores) in {[k for k in keys if bad[k].any()]}, e.g. {results['params'][int(np.argmax(rows))]}; "
                 "see cv_results_.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-
-    @staticmethod
-    def _path_entry(step, params, score, move, n_evaluations):
-        score = float("nan") if score == -np.inf else float(score)
-        return {"step": step, "params": params, "score": score, "move": move,
-                "n_evaluations": n_evaluations, "stopped": None}

@@ -16,35 +16,28 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
+
+from ._grid import index_of
 
 __all__ = ["DiffFeatPriors", "SearchPriors"]
-
-
-def _index_of(values, value):
-    """Position of `value` in `values` by `==` that tolerates values whose `==` is not a plain bool."""
-    for i, v in enumerate(values):
-        try:
-            if v is value or bool(v == value):
-                return i
-        except (TypeError, ValueError):
-            continue
-    return None
 
 
 class SearchPriors:
     """Neutral priors: start in the middle of every axis, share nothing. Subclass and override either method."""
 
-    def start(self, estimator, axes):
+    def start(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """Starting values, {name: value} for some or all axes; `axes` maps each name to its list of values."""
         return {}
 
-    def shared_params(self, estimator, axes):
+    def shared_params(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         """Parameters (not axes of the grid) that every candidate gets, as {name: value}."""
         return {}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
@@ -117,7 +110,7 @@ class DiffFeatPriors(SearchPriors):
     announcement and fail only their own candidates.
     """
 
-    def start(self, estimator, axes):
+    def start(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         chosen = {}
         for name, values in axes.items():
             candidates = values
@@ -135,11 +128,11 @@ class DiffFeatPriors(SearchPriors):
         lowered, branch = name.lower(), _branch(name)
         try:
             if branch == "image" and lowered.endswith("block"):
-                i = _index_of(values, 12)
+                i = index_of(values, 12)
                 return middle if i is None else i
             if branch == "text" and lowered.endswith("block"):
                 # -1 is "the deepest block" in the block convention, so it beats the largest listed value.
-                i = _index_of(values, -1)
+                i = index_of(values, -1)
                 return values.index(max(values)) if i is None else i
             if branch == "text" and lowered.endswith("timestep"):
                 return values.index(min(values))
@@ -147,7 +140,7 @@ class DiffFeatPriors(SearchPriors):
             pass
         return middle
 
-    def shared_params(self, estimator, axes):
+    def shared_params(self, estimator: BaseEstimator, axes: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
         params = estimator.get_params()
         shared = {}
         for name, values in axes.items():

@@ -2,66 +2,16 @@
 
 import re
 
+import distributed
 import joblib
 import numpy as np
 import pytest
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from search_estimators import GRID, PEAK, Breaks, FoldSum, Landscape, NoisyMultiLabel, Table, landscape
 from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import GridSearchCV, KFold
 
+from sklearn_difffeat.metrics import map_scorer
 from sklearn_difffeat.search import BlockTimestepSearchCV
-
-# The paper-shaped grid: image block x image timestep x text block x text timestep = 28 x 10 x 12 x 6.
-GRID = {
-    "image__block": list(range(1, 29)),
-    "image__timestep": [0, 50, 100, 200, 300, 400, 500, 600, 700, 900],
-    "text__block": list(range(1, 13)),
-    "text__timestep": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
-}
-SCALE = (1.0, 100.0, 1.0, 0.1)  # one grid step of each axis is about one unit of distance
-PEAK = (14, 200, 10, 0.2)  # known argmax, away from the default start (12, 400, 12, 0.0)
-
-
-class Branch(BaseEstimator):
-    """Stands in for one extractor: only carries (block, timestep), so names read `image__block` etc."""
-
-    def __init__(self, block=1, timestep=0):
-        self.block = block
-        self.timestep = timestep
-
-
-class Landscape(RegressorMixin, BaseEstimator):
-    """Its score is a known function of (image, text) x (block, timestep); X and y are ignored.
-
-    The score is the highest of `height - squared scaled distance to center` over `peaks`: one peak is a smooth
-    unimodal bowl, two peaks give a local optimum.
-    """
-
-    n_fits = 0  # class-level, counts every fit in this process (folds and refit)
-
-    def __init__(self, image=None, text=None, peaks=((1.0, PEAK),)):
-        self.image = image
-        self.text = text
-        self.peaks = peaks
-
-    def value(self):
-        x = np.array([self.image.block, self.image.timestep, self.text.block, self.text.timestep], float)
-        return max(h - float(np.sum(((x - np.array(c, float)) / SCALE) ** 2)) for h, c in self.peaks)
-
-    def fit(self, X, y=None):
-        type(self).n_fits += 1
-        self.fitted_value_ = self.value()
-        return self
-
-    def predict(self, X):
-        return np.full(len(X), self.fitted_value_)
-
-    def score(self, X, y=None):
-        return self.value()
-
-
-def landscape(**kw):
-    return Landscape(image=Branch(), text=Branch(), **kw)
 
 
 def data(n=12):
@@ -161,26 +111,12 @@ def test_refit_predict_and_persistence(tmp_path):
     assert not hasattr(no_refit, "best_estimator_") and no_refit.best_params_ == s.best_params_
 
 
-class OneAxis(RegressorMixin, BaseEstimator):
-    """Score = table[x]."""
-
-    def __init__(self, x=0, table=(0.0,)):
-        self.x = x
-        self.table = table
-
-    def fit(self, X, y=None):
-        return self
-
-    def score(self, X, y=None):
-        return self.table[self.x]
-
-
 def test_patience_allows_plateau_moves():
     table = (0.0, 1.0, 0.5, 0.8, 2.0, 3.0)
     grid = {"x": range(len(table))}
 
     def run(p):
-        return search(OneAxis(table=table), grid, start={"x": 1}, patience=p).fit(*data())
+        return search(Table(table=table), grid, start={"x": 1}, patience=p).fit(*data())
 
     assert run(0).best_params_ == {"x": 1} and run(0).n_evaluations_ == 3
     assert run(1).best_params_ == {"x": 1}
@@ -192,9 +128,9 @@ def test_patience_allows_plateau_moves():
 @pytest.mark.filterwarnings("ignore:1 of 3 evaluated candidates have non-finite scores")
 def test_tol_and_nan_scores():
     table = (0.0, 1.0, 1.05, np.nan)
-    s = search(OneAxis(table=table), {"x": range(4)}, start={"x": 1}, tol=0.1).fit(*data())
+    s = search(Table(table=table), {"x": range(4)}, start={"x": 1}, tol=0.1).fit(*data())
     assert s.best_params_ == {"x": 2} and s.search_path_[-1]["params"] == {"x": 1}  # +0.05 is within tol
-    s = search(OneAxis(table=table), {"x": range(4)}, start={"x": 2}).fit(*data())
+    s = search(Table(table=table), {"x": range(4)}, start={"x": 2}).fit(*data())
     assert s.best_params_ == {"x": 2} and s.stopped_reason_ == "local_optimum"  # NaN never wins
 
 
@@ -208,7 +144,7 @@ def test_default_priors():
         "clf__alpha": [1, 2, 3, 4, 5],
     }
 
-    class Many(OneAxis):
+    class Many(Table):
         def set_params(self, **params):
             return self
 
@@ -239,7 +175,7 @@ def test_default_priors():
 )
 def test_bad_param_grid_and_start(grid, start, match):
     with pytest.raises(ValueError, match=match):
-        search(OneAxis(table=(0.0, 1.0)), grid, start=start).fit(*data())
+        search(Table(table=(0.0, 1.0)), grid, start=start).fit(*data())
 
 
 def test_bad_constructor_values():
@@ -267,34 +203,7 @@ def test_multimetric_climbs_the_refit_metric():
         search(scoring=scoring, refit=False).fit(*data())
 
 
-class NoisyMultiLabel(ClassifierMixin, BaseEstimator):
-    """Multi-label scores = quality * labels + noise, with X = [labels, noise]; quality peaks at (block, t)."""
-
-    def __init__(self, block=0, timestep=0, peak=(5, 300)):
-        self.block = block
-        self.timestep = timestep
-        self.peak = peak
-
-    def fit(self, X, y):
-        self.classes_ = np.arange(np.shape(y)[1])
-        return self
-
-    def decision_function(self, X):
-        q = np.exp(-(((self.block - self.peak[0]) / 3.0) ** 2) - ((self.timestep - self.peak[1]) / 300.0) ** 2)
-        L = len(self.classes_)
-        return 2.0 * q * X[:, :L] + X[:, L:]
-
-    def predict_proba(self, X):
-        return 1.0 / (1.0 + np.exp(-self.decision_function(X)))
-
-    def predict(self, X):
-        return (self.decision_function(X) > 0.5).astype(int)
-
-
 def test_default_map_scorer_and_kfold_on_multilabel():
-    pytest.importorskip("sklearn_difffeat.metrics")
-    from sklearn_difffeat.metrics import map_scorer
-
     rng = np.random.default_rng(0)
     Y = (rng.random((120, 4)) < 0.3).astype(int)
     X = np.hstack([Y, rng.normal(size=Y.shape)])
@@ -311,7 +220,6 @@ def test_default_map_scorer_and_kfold_on_multilabel():
 
 
 def test_dask_local_cluster_of_processes():
-    distributed = pytest.importorskip("distributed")
     grid = {"image__block": list(range(1, 9)), "image__timestep": [0, 100, 200, 300, 400],
             "text__block": [8, 10, 12], "text__timestep": [0.0, 0.2]}
     X, y = data()
@@ -327,19 +235,6 @@ def test_dask_local_cluster_of_processes():
 
 
 # ---- failed fits -----------------------------------------------------------------------------------------------
-
-
-class Breaks(OneAxis):
-    """Score = table[x]; fitting an x listed in `broken` raises."""
-
-    def __init__(self, x=0, table=(0.0,), broken=()):
-        super().__init__(x=x, table=table)
-        self.broken = broken
-
-    def fit(self, X, y=None):
-        if self.x in self.broken:
-            raise ValueError(f"x={self.x} is broken")
-        return self
 
 
 def _by_x(results, key):
@@ -407,20 +302,6 @@ def test_a_failed_start_says_which_point_and_why():
 
 
 # ---- splits ----------------------------------------------------------------------------------------------------
-
-
-class FoldSum(RegressorMixin, BaseEstimator):
-    """Score = table[x] + sum of the scored fold's X, so the second term tells which fold was scored."""
-
-    def __init__(self, x=0, table=(0.0,)):
-        self.x = x
-        self.table = table
-
-    def fit(self, X, y=None):
-        return self
-
-    def score(self, X, y=None):
-        return self.table[self.x] + float(np.sum(X))
 
 
 def test_every_step_scores_on_the_same_folds():

@@ -1,8 +1,8 @@
 """The search's priors (sklearn_difffeat.search_priors): where it starts, and the cache depth it announces.
 
-Stand-in extractors keep these tests free of models: they follow the extractors' contract (`block` with the
-library's block convention, `cache`, `cache_depth`, `n_blocks_` after `fit`, ValueError for a block or cache depth
-the model does not have).
+Stand-in extractors (`search_estimators.FakeExtractor`) keep these tests free of models: they follow the
+extractors' contract (`block` with the library's block convention, `cache`, `cache_depth`, `n_blocks_` after
+`fit`, ValueError for a block or cache depth the model does not have).
 """
 
 import subprocess
@@ -10,61 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-from sklearn.base import BaseEstimator, RegressorMixin
+from search_estimators import FakeExtractor, Model, Table
+from sklearn.base import BaseEstimator
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils._param_validation import InvalidParameterError
 
 from sklearn_difffeat.search import BlockTimestepSearchCV
 from sklearn_difffeat.search_priors import DiffFeatPriors, SearchPriors
-
-
-class FakeExtractor(BaseEstimator):
-    """An extractor of a model with `depth` blocks; `broken` makes loading the model fail."""
-
-    def __init__(self, depth=8, block=1, timestep=0, cache=None, cache_depth=None, verbose=0, broken=False):
-        self.depth = depth
-        self.block = block
-        self.timestep = timestep
-        self.cache = cache
-        self.cache_depth = cache_depth
-        self.verbose = verbose
-        self.broken = broken
-
-    def _resolve(self, name, value):
-        if not -(self.depth + 1) <= value <= self.depth:
-            raise ValueError(f"{name}={value} is out of range for a model with {self.depth} blocks")
-        return value + self.depth + 1 if value < 0 else value
-
-    def fit(self, X=None, y=None):
-        if self.broken:
-            raise RuntimeError("weights not found")
-        self.block_ = self._resolve("block", self.block)
-        if self.cache_depth is not None:
-            self._resolve("cache_depth", self.cache_depth)
-        self.n_blocks_ = self.depth
-        return self
-
-
-class Model(RegressorMixin, BaseEstimator):
-    """Score = -(image block - peak)^2 - (text block - text_peak)^2; X and y are ignored."""
-
-    def __init__(self, image=None, text=None, peak=7, text_peak=3):
-        self.image = image
-        self.text = text
-        self.peak = peak
-        self.text_peak = text_peak
-
-    def fit(self, X, y=None):
-        self.image.fit()
-        if self.text is not None:
-            self.text.fit()
-        return self
-
-    def score(self, X, y=None):
-        value = -float((self.image.block_ - self.peak) ** 2)
-        if self.text is not None:
-            value -= float((self.text.block_ - self.text_peak) ** 2)
-        return value
 
 
 def data(n=8):
@@ -184,20 +136,6 @@ def test_no_priors_starts_in_the_middle_and_shares_nothing():
     d = fit_search(est, grid, max_evaluations=1)  # the default priors, for contrast
     assert d.start_params_ == {"image__block": 5, "text__block": 4}
     assert d.shared_params_ == {"image__cache_depth": 8, "text__cache_depth": 4}
-
-
-class Table(RegressorMixin, BaseEstimator):
-    """Score = table[x]."""
-
-    def __init__(self, x=0, table=(0.0,)):
-        self.x = x
-        self.table = table
-
-    def fit(self, X, y=None):
-        return self
-
-    def score(self, X, y=None):
-        return self.table[self.x]
 
 
 class MyPriors(SearchPriors):
