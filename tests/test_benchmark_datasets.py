@@ -350,7 +350,7 @@ def test_vg500_without_ijson_says_how_to_install_it(vg, monkeypatch):
 def test_vg500_label_names_from_a_names_file(vg, suffix):
     names = [f"object number {j}" for j in range(500)]
     path = vg / f"vg_category_500_labels.{suffix}"
-    path.write_text("\n".join(names) + "\n" if suffix == "txt" else json.dumps(names))
+    path.write_text("\n".join(names) + "\n\n" if suffix == "txt" else json.dumps(names))
     with pytest.warns(UserWarning, match="no region descriptions"):
         b = load_vg500(vg, "test")
     assert b.target_names == names and str(path) in b.DESCR

@@ -181,8 +181,9 @@ def _int_array(values, path, what):
     """``values`` as an int64 array; a value that is not a JSON integer raises a ``ValueError`` naming it."""
     array = np.asarray(values) if values else np.zeros(0, dtype=np.int64)
     if array.dtype.kind not in "iu":
-        bad = next(v for v in values if isinstance(v, bool) or not isinstance(v, int))
-        raise ValueError(f"{path}: every {what} must be an integer, found {bad!r}")
+        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), None)
+        found = f"found {bad!r}" if bad is not None else "found one outside the 64-bit range"
+        raise ValueError(f"{path}: every {what} must be an integer, {found}")
     return array.astype(np.int64, copy=False)
 
 

@@ -122,7 +122,7 @@ def load_vg500(root, split="train", *, region_descriptions=None):
 
 def _read_list(path):
     """The image file names of a split list; a name listed twice raises a ``ValueError``."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         # Strip each line whole: a last line without a newline keeps all its characters.
         names = [line.strip() for line in f]
     names = [name for name in names if name]
@@ -135,7 +135,7 @@ def _read_list(path):
 
 def _image_id(name, list_path):
     stem = Path(name).stem
-    if not stem.isdigit():
+    if not (stem.isascii() and stem.isdigit()):
         raise ValueError(f"{list_path}: {name!r} is not a Visual Genome image name (<integer id>.jpg)")
     return int(stem)
 
@@ -209,7 +209,8 @@ def _label_names(root):
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"{path} must hold a JSON array of label names (strings)")
         else:
-            names = path.read_text(encoding="utf-8").splitlines()
+            # Trailing blank lines are not names; any other blank line is an error below.
+            names = path.read_text(encoding="utf-8-sig").rstrip("\n").split("\n")
         names = [n.strip() for n in names]
         if len(names) != N_VG_LABELS or not all(names):
             raise ValueError(f"{path} must give {N_VG_LABELS} non-empty label names, one per label index in "
