@@ -16,7 +16,7 @@ from sklearn.compose import ColumnTransformer
 from sklearn.pipeline import Pipeline
 
 from sklearn_difffeat import DiTFeatureExtractor
-from sklearn_difffeat.extractors import _base
+from sklearn_difffeat.extractors import clear_backbone_cache
 from sklearn_difffeat.extractors.image import to_uint8_images
 
 from conftest import SKLEARN_CHECKS_WITHOUT_DATA, TINY_DIT_LAYERS
@@ -264,7 +264,7 @@ def test_joblib_round_trip_reloads_weights(tiny_dit_dir, rgb_images, tmp_path):
     joblib.dump(ext, tmp_path / "ext.joblib")
     assert (tmp_path / "ext.joblib").stat().st_size < 1_000_000
     assert b"transformer_blocks" not in pickle.dumps(ext)
-    _base.clear_backbone_cache()  # as in a fresh process
+    clear_backbone_cache()  # as in a fresh process
     restored = joblib.load(tmp_path / "ext.joblib")
     np.testing.assert_array_equal(restored.transform(rgb_images), before)
 
@@ -437,6 +437,41 @@ def test_loaded_backbone_keeps_its_source_alive(tiny_dit_dir, rgb_images):
     del source
     gc.collect()
     assert ref() is not None
-    _base.clear_backbone_cache()
+    clear_backbone_cache()
     gc.collect()
     assert ref() is None
+
+
+def test_two_threads_asking_for_one_model_load_it_once(tiny_dit_dir, monkeypatch):
+    import threading
+    import time
+
+    from sklearn_difffeat.extractors import image as image_module
+
+    loads = []
+    real = image_module.load_dit_backbone
+
+    def slow_load(*args, **kwargs):
+        loads.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the other thread to ask while this load runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(image_module, "load_dit_backbone", slow_load)
+    clear_backbone_cache()
+    start = threading.Barrier(2)
+    got = [None, None]
+
+    def ask(i):
+        start.wait()
+        got[i] = DiTFeatureExtractor(str(tiny_dit_dir), block=1).get_backbone()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1
+    assert got[0] is got[1] is not None
+    # another model (here: another dtype) still loads on its own
+    DiTFeatureExtractor(str(tiny_dit_dir), block=1, dtype="bfloat16").get_backbone()
+    assert len(loads) == 2

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sklearn_difffeat import DiTFeatureExtractor, FeatureStore, TextDiffusionFeatureExtractor
-from sklearn_difffeat.extractors import _images
+from sklearn_difffeat.extractors import _images, _runtime
 
 from conftest import PassCounter, build_tiny_dit_pipeline
 
@@ -122,9 +122,7 @@ def test_damaged_segment_is_recomputed_not_read(tiny_dit_dir, rgb_images, tmp_pa
         array = np.load(data)
         np.save(data, array + 1.0)  # same shape, wrong values: only the checksum can tell
     fresh = ext_for(tiny_dit_dir, cache=str(store_dir))  # a new process would open the store anew
-    from sklearn_difffeat.extractors import _base
-
-    _base._STORES.clear()
+    _runtime.clear_store_cache()
     counter = PassCounter(fresh)
     with pytest.warns(RuntimeWarning, match="checksum"):
         got = fresh.transform(rgb_images)
@@ -138,9 +136,7 @@ def test_damaged_latents_are_encoded_again(tiny_dit_dir, rgb_images, tmp_path):
     ext_for(tiny_dit_dir, cache=str(store_dir), batch_size=3).transform(rgb_images)
     for data in store_dir.glob("dit-x0-*/*.npy"):
         np.save(data, np.load(data) * 2)  # wrong values, right shape
-    from sklearn_difffeat.extractors import _base
-
-    _base._STORES.clear()  # as a new process would
+    _runtime.clear_store_cache()  # as a new process would
     later = ext_for(tiny_dit_dir, timestep=[300], cache=str(store_dir), batch_size=3)
     counter = PassCounter(later)
     with pytest.warns(RuntimeWarning, match="checksum"):

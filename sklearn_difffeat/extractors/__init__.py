@@ -1,8 +1,9 @@
 """scikit-learn feature extractors over diffusion Transformers."""
 
+from ._runtime import clear_backbone_cache
 from .image import DiTFeatureExtractor
 
-__all__ = ["DiTFeatureExtractor", "TextDiffusionFeatureExtractor"]
+__all__ = ["DiTFeatureExtractor", "TextDiffusionFeatureExtractor", "clear_backbone_cache"]
 
 
 def __getattr__(name):

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import numbers
 import os
-import queue
-import threading
 import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,43 +31,10 @@ from tqdm.auto import tqdm
 from ..backbones.base import resolve_blocks
 from ..store import FeatureStore, StoreWriteError, stable_hash
 from ._noise import key_words
+from ._runtime import cached_backbone, default_workers, open_store, resolve_device, resolve_dtype
+from ._runtime import clear_backbone_cache as clear_backbone_cache  # still importable from its former place
 
 KEY_BYTES = 16  # 128-bit sample keys, written as 32 hex characters
-
-# Loaded backbones, shared by every extractor in the process: clones made by GridSearchCV, or set_params
-# between fits, reuse the weights instead of reading them again. Small, because each entry may hold GBs.
-_BACKBONES: OrderedDict = OrderedDict()
-_MAX_BACKBONES = 2
-# Open stores, so their loaded segment indexes and memory maps serve every transform of the process.
-_STORES: dict = {}
-
-
-def cached_backbone(key, load, keepalive=None):
-    """Return the backbone stored under ``key``, loading it with ``load()`` on a miss (LRU of 2).
-
-    ``keepalive`` is held with the entry: when a key contains ``id(obj)``, holding ``obj`` stops Python from
-    reusing that id for another object while the entry exists.
-    """
-    if key in _BACKBONES:
-        _BACKBONES.move_to_end(key)
-        return _BACKBONES[key][1]
-    backbone = load()
-    _BACKBONES[key] = (keepalive, backbone)
-    while len(_BACKBONES) > _MAX_BACKBONES:
-        _BACKBONES.popitem(last=False)
-    return backbone
-
-
-def clear_backbone_cache():
-    """Drop every loaded backbone (frees their memory; the next transform reloads)."""
-    _BACKBONES.clear()
-
-
-def open_store(directory) -> FeatureStore:
-    path = os.path.abspath(os.fspath(directory))
-    if path not in _STORES:
-        _STORES[path] = FeatureStore(path)
-    return _STORES[path]
 
 
 def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,74 +66,6 @@ def single_column(X, what: str):
             raise ValueError(f"Expected one column of {what}, got a DataFrame with {X.shape[1]} columns.")
         return X.iloc[:, 0]
     return X
-
-
-def prefetch(iterator, depth: int):
-    """Run ``iterator`` in a background thread, ``depth`` items ahead; re-raise its errors here."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                items.put(item)
-            items.put(done)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            items.put(exc)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (item := items.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
-
-def default_workers() -> int:
-    """All cores but one (the one that drives the device), at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(16, cores - 1))
-
-
-def resolve_device(device, model_device: torch.device | None = None) -> torch.device:
-    """``device`` as a torch.device; None means the given modules' device, else CUDA when available."""
-    if device is None:
-        if model_device is not None:
-            return model_device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a device torch knows ({exc}).") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device={str(device)!r} was requested, but PyTorch sees no CUDA device "
-                             f"(torch {torch.__version__}, torch.cuda.is_available() is False). Use device=None "
-                             "(CUDA when available, else CPU) or device='cpu'.")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device={str(device)!r} was requested, but only {count} CUDA device(s) are visible.")
-    return device
-
-
-def resolve_dtype(dtype, device: torch.device, model_dtype: torch.dtype | None = None) -> torch.dtype:
-    """``"auto"``: the given modules' dtype, else bfloat16 on CUDA and float32 elsewhere."""
-    if dtype == "auto":
-        if model_dtype is not None:
-            return model_dtype
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 @dataclass

@@ -12,8 +12,9 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..backbones.text import is_text_backbone, load_text_backbone, loglinear_sigma
-from ._base import KEY_BYTES, BaseDiffusionFeatureExtractor, Batch, as_list, pool_tokens, prefetch, single_column
+from ._base import KEY_BYTES, BaseDiffusionFeatureExtractor, Batch, as_list, pool_tokens, single_column
 from ._noise import key_words, sample_seeds, uniforms
+from ._runtime import prefetch
 
 
 class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
