@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.base import clone
 
-from .backbones.base import resolve_blocks
 from .extractors._base import BaseDiffusionFeatureExtractor, open_store
+from .extractors._engine import TransformReport, read_stored_into
 from .store import FeatureStore
 
 __all__ = ["ExtractionResult", "extract"]
@@ -46,16 +46,10 @@ class ExtractionResult:
     def features(self) -> np.ndarray:
         """(n, n_features) float32, in input order, read from the store (NaN rows for failed inputs)."""
         extractor = self.extractor
-        backbone = extractor._backbone()
-        width = extractor._feature_width(backbone)
-        blocks = resolve_blocks(extractor.block, backbone.num_blocks)
-        namespaces = extractor._feature_namespaces(backbone, blocks)
-        timesteps = extractor._check_timesteps(backbone)
-        out = np.full((len(self.keys), len(blocks), len(timesteps), width), np.nan, dtype=np.float32)
-        for ti in range(len(timesteps)):
-            for bi, b in enumerate(blocks):
-                values, found = self.store.read(namespaces[b, ti][0], self.keys, width)
-                out[found, bi, ti] = values[found]
+        layout = extractor._layout(extractor._backbone())
+        out = np.full((len(self.keys), len(layout.blocks), len(layout.timesteps), layout.width), np.nan,
+                      dtype=np.float32)
+        read_stored_into(layout, self.store, self.keys, out, np.arange(len(self.keys)))
         return out.reshape(len(self.keys), -1)
 
     def summary(self) -> str:
@@ -143,7 +137,7 @@ def _slice(inputs, start, stop):
     return inputs[start:stop]
 
 
-def _run_shard(extractor, inputs) -> dict:
+def _run_shard(extractor, inputs) -> TransformReport:
     """One task: extract a shard into the store (skipping what is stored); return the work report."""
     import multiprocessing
 
@@ -153,14 +147,14 @@ def _run_shard(extractor, inputs) -> dict:
         extractor.set_params(num_workers=0)
     if not hasattr(extractor, "n_features_out_"):
         extractor = extractor.fit()
-    _, report = extractor._extract(inputs, keep_going=True)
+    _, report = extractor._extract(inputs, on_error="record")
     return report
 
 
-def _collect(result: ExtractionResult, start: int, report: dict, bar) -> None:
-    stop = start + len(report["keys"])
-    result.keys[start:stop] = report["keys"]
-    result.computed += report["computed"]
-    result.already_stored += report["stored"]
-    result.failed.update({start + p: message for p, message in report["failed"].items()})
+def _collect(result: ExtractionResult, start: int, report: TransformReport, bar) -> None:
+    stop = start + len(report.keys)
+    result.keys[start:stop] = report.keys
+    result.computed += report.computed
+    result.already_stored += report.stored
+    result.failed.update({start + p: message for p, message in report.failed.items()})
     bar.update(stop - start)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._base import KEY_BYTES, single_column
+from ..store import KEY_LENGTH
+from ._inputs import single_column
 
 # Bump when decoding or resizing changes: keys of file inputs are hashes of the file bytes, so the namespace
 # of cached latents and features must name the preprocessing that turned those bytes into pixels.
@@ -76,7 +77,7 @@ class ImageSamples:
         {position: message} and gets a key of its own that no content can have.
         """
         n = len(self.items)
-        keys = np.empty(n, dtype=f"S{2 * KEY_BYTES}")
+        keys = np.empty(n, dtype=f"S{KEY_LENGTH}")
         if self.is_array:
             return self._array_keys(workers)
 
@@ -89,7 +90,7 @@ class ImageSamples:
                     if errors is None:
                         raise
                     errors[i] = str(exc)
-                    keys[i] = hashlib.sha256(f"unreadable:{i}".encode()).hexdigest()[: 2 * KEY_BYTES].encode()
+                    keys[i] = hashlib.sha256(f"unreadable:{i}".encode()).hexdigest()[:KEY_LENGTH].encode()
 
         _in_threads(run, n, workers)
         return keys
@@ -110,8 +111,8 @@ class ImageSamples:
                 digests[i] = digest.digest()
 
         _in_threads(run, n, workers)
-        hexed = binascii.hexlify(b"".join(digests))  # 64 hex characters a row, of which the key keeps 32
-        return np.frombuffer(hexed, dtype="S64").astype(f"S{2 * KEY_BYTES}")
+        hexed = binascii.hexlify(b"".join(digests))  # 64 hex characters a row, of which the key keeps the first
+        return np.frombuffer(hexed, dtype="S64").astype(f"S{KEY_LENGTH}")
 
     def pixels(self, positions: np.ndarray) -> torch.Tensor:
         """(B, R, R, C) uint8 for a batch of positions, decoded here (the in-process path)."""
@@ -213,7 +214,7 @@ def _content_key(item) -> bytes:
         digest = hashlib.sha256(f"array:{array.dtype.str}:{array.shape}:".encode())
         if array.size:  # an empty one is keyed by its shape alone; decoding then says what is wrong with it
             digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
+    return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
 
 
 def _file_key(path, index: int) -> bytes:
@@ -225,7 +226,7 @@ def _file_key(path, index: int) -> bytes:
                 digest.update(chunk)
     except OSError as exc:
         raise ValueError(f"Image {index}: cannot read file {os.fspath(path)!r} ({exc}).") from exc
-    return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
+    return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
 
 
 def load_image(item, index: int, resolution: int, channels: int) -> np.ndarray:
