@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.base import clone
 
-from .extractors._base import BaseDiffusionFeatureExtractor, open_store
-from .extractors._engine import TransformReport, read_stored_into
-from .store import FeatureStore
+from .extractors import BaseDiffusionFeatureExtractor, TransformReport, open_store
+from .store import KEY_LENGTH, FeatureStore
 
 __all__ = ["ExtractionResult", "extract"]
 
@@ -44,13 +43,9 @@ class ExtractionResult:
     failed: dict = field(default_factory=dict)
 
     def features(self) -> np.ndarray:
-        """(n, n_features) float32, in input order, read from the store (NaN rows for failed inputs)."""
-        extractor = self.extractor
-        layout = extractor._layout(extractor._backbone())
-        out = np.full((len(self.keys), len(layout.blocks), len(layout.timesteps), layout.width), np.nan,
-                      dtype=np.float32)
-        read_stored_into(layout, self.store, self.keys, out, np.arange(len(self.keys)))
-        return out.reshape(len(self.keys), -1)
+        """(n, n_features) float32, in input order, read from the store (NaN rows for failed inputs); see
+        :meth:`~sklearn_difffeat.DiTFeatureExtractor.read_stored`."""
+        return self.extractor.read_stored(self.keys, self.store)
 
     def summary(self) -> str:
         return (f"{self.computed} samples computed, {self.already_stored} already stored, {len(self.failed)} "
@@ -104,7 +99,7 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
     if n == 0:
         raise ValueError("No inputs given (0 samples).")
     shards = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
-    keys = np.empty(n, dtype="S32")
+    keys = np.empty(n, dtype=f"S{KEY_LENGTH}")
     result = ExtractionResult(extractor=extractor, store=open_store(folder), keys=keys)
     bar = tqdm(total=n, disable=not progress, desc="extract", unit="sample")
     with bar:
@@ -147,7 +142,7 @@ def _run_shard(extractor, inputs) -> TransformReport:
         extractor.set_params(num_workers=0)
     if not hasattr(extractor, "n_features_out_"):
         extractor = extractor.fit()
-    _, report = extractor._extract(inputs, on_error="record")
+    _, report = extractor.transform_with_report(inputs, on_error="record")
     return report
 
 

@@ -15,8 +15,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ..backbones.base import resolve_blocks
-from ..store import stable_hash
-from ._engine import Batch, BatchResult, FeatureLayout, TransformRun
+from ..store import FeatureStore, stable_hash
+from ._engine import Batch, BatchResult, FeatureLayout, TransformRun, read_stored_into
 from ._runtime import cached_backbone, default_workers, open_store, resolve_device, resolve_dtype
 from ._runtime import clear_backbone_cache as clear_backbone_cache  # still importable from its former place
 
@@ -111,20 +111,92 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         """Pooled features, float32 array of shape (n_samples, n_blocks * n_timesteps * width).
 
         Column order: for each block (in the order given), for each timestep (in the order given), the pooled
-        feature of that (block, timestep).
+        feature of that (block, timestep); see :meth:`feature_layout`. An input that cannot be read raises a
+        ``ValueError`` naming it (:meth:`transform_with_report` can record it instead).
+        """
+        return self.transform_with_report(X)[0]
+
+    def transform_with_report(self, X, *, on_error="raise"):
+        """Features, as :meth:`transform` returns them, and a report of what the call did.
+
+        Parameters
+        ----------
+        X : images or texts
+            What :meth:`transform` takes.
+        on_error : {"raise", "record"}, default="raise"
+            What an input that cannot be read (a missing or undecodable image file) does: ``"raise"`` raises a
+            ``ValueError`` naming it; ``"record"`` lists it in the report's ``failed``, gives it a row of NaN and
+            goes on with the other inputs. Invalid containers and parameters raise in both cases.
+
+        Returns
+        -------
+        features : ndarray of shape (n_samples, n_features_out_), float32
+            The features (a plain array, whatever ``set_output`` says).
+        report : TransformReport
+            Each input's content key (its key in the feature store), how many distinct samples needed the model
+            and how many the store served alone, and the unreadable inputs by position.
         """
         check_is_fitted(self, "n_features_out_")
-        return self._extract(X)[0]
-
-    def _extract(self, X, on_error: str = "raise"):
-        """Features and the :class:`~._engine.TransformReport` of the work. With ``on_error="record"``, a sample
-        that cannot be read is recorded (its row is NaN) instead of raising."""
+        if on_error not in ("raise", "record"):
+            raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}.")
         backbone = self._backbone()
         samples = self._samples(X, backbone)
         run = self._plan(backbone, samples, on_error)
         batches = self._batches(run, samples, backbone, run.todo)
         return run.execute(batches, lambda batch, plan: self._compute(run, backbone, batch, plan),
                            desc=type(self).__name__, verbose=self.verbose)
+
+    def feature_layout(self, blocks=None) -> FeatureLayout:
+        """Which features the parameters produce: blocks, timesteps, width, column names and store namespaces.
+
+        Parameters
+        ----------
+        blocks : int, list of int or None, default=None
+            Blocks to describe, indexed as the ``block`` parameter; None describes ``block`` itself.
+
+        Returns
+        -------
+        FeatureLayout
+            ``blocks`` (resolved to ``[0, n_blocks_]``), ``timesteps``, ``width`` (columns per (block,
+            timestep)), ``feature_names`` (those of :meth:`get_feature_names_out` for ``blocks=None``),
+            ``namespaces`` ({(block, timestep): feature store namespace}) and ``descriptions`` ({namespace:
+            what determines its features}). Namespaces change with every parameter that changes features, and
+            only with those.
+        """
+        check_is_fitted(self, "n_features_out_")
+        return self._layout(self._backbone(), blocks)
+
+    def read_stored(self, keys, store=None) -> np.ndarray:
+        """The stored features of samples given by their content keys, in :meth:`transform`'s column order.
+
+        Reads the feature store only: no model pass, no input. Keys come from
+        :meth:`transform_with_report` or :func:`~sklearn_difffeat.extract`.
+
+        Parameters
+        ----------
+        keys : array-like of shape (n_samples,)
+            Content keys (32 lower-case hex characters, as str or bytes).
+        store : FeatureStore, str, path-like or None, default=None
+            The store to read; None reads the extractor's ``cache``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features_out_), float32
+            A row of NaN for each key whose features are not all stored.
+        """
+        check_is_fitted(self, "n_features_out_")
+        if store is None:
+            if self.cache is None:
+                raise ValueError("read_stored needs a feature store: pass store=... or set the extractor's cache.")
+            store = self.cache
+        if not isinstance(store, FeatureStore):
+            store = open_store(store)
+        layout = self.feature_layout()
+        n = len(keys)
+        out = np.empty((n, len(layout.blocks), len(layout.timesteps), layout.width), dtype=np.float32)
+        complete = read_stored_into(layout, store, keys, out, np.arange(n))
+        out[~complete.all(axis=1)] = np.nan
+        return out.reshape(n, -1)
 
     def _plan(self, backbone, samples, on_error: str) -> TransformRun:
         """Key the samples and start a run over them; each pass computes the requested blocks, or with a cache and
@@ -155,7 +227,17 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
                              descriptions=descriptions, prefix=self._feature_prefix)
 
     def get_feature_names_out(self, input_features=None):
-        """Names like ``dit_b12_t500_0``: prefix, block, timestep, index within the pooled feature."""
+        """Names like ``dit_b12_t500_0``: prefix, block, timestep, index within the pooled feature.
+
+        Parameters
+        ----------
+        input_features : ignored
+            Present for the scikit-learn API.
+
+        Returns
+        -------
+        ndarray of str objects, shape (n_features_out_,)
+        """
         check_is_fitted(self, "n_features_out_")
         return self._layout(self._backbone()).feature_names
 
