@@ -306,10 +306,13 @@ class TransformRun:
     def report(self) -> TransformReport:
         failed_rows = np.array(sorted(self.failures), dtype=np.int64)
         failed_positions = np.flatnonzero(np.isin(self.inverse, failed_rows))
+        # A sample that failed while its batch was read was planned for computing; one that could not even be
+        # keyed was not: neither counts as computed, nor as stored.
+        failed_planned = int(np.isin(failed_rows, self.todo).sum())
         return TransformReport(
             keys=self.keys[self.inverse],
-            computed=len(self.todo) - len(failed_rows),
-            stored=len(self.keys) - len(self.todo),
+            computed=len(self.todo) - failed_planned,
+            stored=len(self.keys) - len(self.todo) - (len(failed_rows) - failed_planned),
             failed={int(p): self.failures[self.inverse[p]] for p in failed_positions},
         )
 
