@@ -159,7 +159,7 @@ _WORKER = textwrap.dedent(
         passes.append(1)
         if len(passes) > int(kill_after):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as with an OOM kill or a pulled plug
-    ext._backbone().transformer.pos_embed.register_forward_hook(maybe_die)
+    ext.get_backbone().transformer.pos_embed.register_forward_hook(maybe_die)
     np.save(out, ext.transform(X))
     """
 )
@@ -298,7 +298,7 @@ def test_text_store_and_duplicates(tmp_path):
     params = dict(block=[1, -1], timestep=[0.0, 0.5], cache=str(tmp_path))
     first = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", **params).fit(None)
     calls = []
-    first._backbone().module.vocab_embed.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    first.get_backbone().module.vocab_embed.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
     out = first.transform(texts)
     assert sum(calls) == 3 * 2  # three distinct texts, two timesteps
     np.testing.assert_array_equal(out[0], out[2])
@@ -309,3 +309,49 @@ def test_text_store_and_duplicates(tmp_path):
     plain = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", block=[1, -1], timestep=[0.0, 0.5]).fit(None)
     np.testing.assert_allclose(plain.transform(texts), out, atol=1e-5)
     assert os.path.isdir(tmp_path) and FeatureStore(tmp_path).namespaces()
+
+
+def test_read_stored_equals_transform_and_is_nan_where_nothing_is_stored(tiny_dit_dir, rgb_images, tmp_path):
+    ext = ext_for(tiny_dit_dir, cache=str(tmp_path / "store"))
+    empty_keys = ext.transform_with_report(rgb_images[:2])[1].keys  # computed and stored now
+    features, report = ext.transform_with_report(rgb_images)
+    assert report.computed == len(rgb_images) - 2 and report.stored == 2 and report.failed == {}
+    counter = PassCounter(ext)
+    np.testing.assert_array_equal(ext.read_stored(report.keys), features)
+    assert counter.passes == 0 and counter.encoded == 0
+    counter.close()
+    np.testing.assert_array_equal(report.keys[:2], empty_keys)
+    # the same store given explicitly, to an extractor without a cache, and keys as str
+    plain = ext_for(tiny_dit_dir)
+    np.testing.assert_array_equal(plain.read_stored([k.decode() for k in report.keys], tmp_path / "store"), features)
+    with pytest.raises(ValueError, match="read_stored needs a feature store"):
+        plain.read_stored(report.keys)
+    # nothing stored: an empty store, a sample never seen, or one (block, timestep) of the row missing
+    assert np.isnan(plain.read_stored(report.keys, tmp_path / "empty")).all()
+    unseen = ext.transform_with_report(rgb_images[:1] // 2)[1].keys  # computed by a run without that cache
+    more = ext_for(tiny_dit_dir, timestep=[*STEPS, 999], cache=str(tmp_path / "store"))
+    got = more.read_stored(np.concatenate([report.keys, unseen]))
+    assert got.shape == (len(rgb_images) + 1, more.n_features_out_) and np.isnan(got).all()
+
+
+def test_transform_with_report_records_unreadable_files_by_position(tiny_dit_dir, rgb_images, tmp_path):
+    files = []
+    for i, image in enumerate(rgb_images[:4]):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(files[-1])
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    inputs = [files[0], str(tmp_path / "broken.png"), files[1], files[2], str(tmp_path / "absent.png"), files[3],
+              files[0]]
+    ext = ext_for(tiny_dit_dir, num_workers=0)
+    with pytest.raises(ValueError, match=r"Image 4: cannot read file .*absent\.png"):
+        ext.transform(inputs)
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'record'"):
+        ext.transform_with_report(inputs, on_error="skip")
+    features, report = ext.transform_with_report(inputs, on_error="record")
+    assert sorted(report.failed) == [1, 4]
+    assert "broken.png" in report.failed[1] and "absent.png" in report.failed[4]
+    assert np.isnan(features[[1, 4]]).all()
+    good = [0, 2, 3, 5, 6]
+    np.testing.assert_array_equal(features[good], ext.transform([inputs[i] for i in good]))
+    assert report.computed == 4 and report.stored == 0  # four distinct readable files, no store
+    assert len(report.keys) == len(inputs) and report.keys[0] == report.keys[6]
