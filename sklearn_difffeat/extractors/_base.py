@@ -141,7 +141,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
             raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}.")
         backbone = self._backbone()
         samples = self._samples(X, backbone)
-        run = self._plan(backbone, samples, on_error)
+        run = self._start_run(backbone, samples, on_error)
         batches = self._batches(run, samples, backbone, run.todo)
         return run.execute(batches, lambda batch, plan: self._compute(run, backbone, batch, plan),
                            desc=type(self).__name__, verbose=self.verbose)
@@ -198,7 +198,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         out[~complete.all(axis=1)] = np.nan
         return out.reshape(n, -1)
 
-    def _plan(self, backbone, samples, on_error: str) -> TransformRun:
+    def _start_run(self, backbone, samples, on_error: str) -> TransformRun:
         """Key the samples and start a run over them; each pass computes the requested blocks, or with a cache and
         ``cache_depth``, every block up to that depth."""
         blocks = resolve_blocks(self.block, backbone.num_blocks)
@@ -239,7 +239,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         ndarray of str objects, shape (n_features_out_,)
         """
         check_is_fitted(self, "n_features_out_")
-        return self._layout(self._backbone()).feature_names
+        return self.feature_layout().feature_names
 
     def get_backbone(self):
         """The loaded backbone this extractor runs (loaded on first use), for inspection: its modules (to hook
