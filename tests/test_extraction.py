@@ -355,3 +355,20 @@ def test_transform_with_report_records_unreadable_files_by_position(tiny_dit_dir
     np.testing.assert_array_equal(features[good], ext.transform([inputs[i] for i in good]))
     assert report.computed == 4 and report.stored == 0  # four distinct readable files, no store
     assert len(report.keys) == len(inputs) and report.keys[0] == report.keys[6]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_file_leaves_nothing_in_the_store(tiny_dit_dir, rgb_images, tmp_path, workers):
+    files = []
+    for i, image in enumerate(rgb_images[:3]):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(files[-1])
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    files.insert(1, str(tmp_path / "broken.png"))
+    store = str(tmp_path / "store")
+    first = ext_for(tiny_dit_dir, timestep=[10], cache=store, num_workers=workers)
+    assert list(first.transform_with_report(files, on_error="record")[1].failed) == [1]
+    # its clean input was not stored either: at another timestep it is still unreadable, not a black picture
+    later = ext_for(tiny_dit_dir, timestep=[20], cache=store, num_workers=workers)
+    features, report = later.transform_with_report(files, on_error="record")
+    assert list(report.failed) == [1] and np.isnan(features[1]).all() and not np.isnan(features[[0, 2, 3]]).any()

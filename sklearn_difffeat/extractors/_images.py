@@ -164,6 +164,29 @@ def collate_images(batch):
     return indices, pixels, errors
 
 
+def decode_batches(samples: ImageSamples, positions: np.ndarray, batch_size: int, workers: int,
+                   pin_memory: bool = False):
+    """Yield ``(indices, pixels, errors)`` over ``positions``, a batch at a time: the indices (into ``positions``)
+    of the samples decoded, their (k, R, R, C) uint8 pixels (None when no sample of the batch could be read), and
+    ``{index: message}`` for the samples that could not be.
+
+    Decoded in ``workers`` DataLoader processes, or in this process when ``workers`` is 0 or the samples need no
+    decoding. ``pin_memory`` pins the pixels for a fast copy to CUDA.
+    """
+    dataset = ImageDataset(samples, positions)
+    if samples.ready or workers == 0:
+        for start in range(0, len(positions), batch_size):
+            stop = min(len(positions), start + batch_size)
+            if samples.ready:
+                indices, pixels, errors = np.arange(start, stop), samples.pixels(positions[start:stop]), {}
+            else:
+                indices, pixels, errors = collate_images([dataset[i] for i in range(start, stop)])
+            yield indices, (pixels.pin_memory() if pin_memory and pixels is not None else pixels), errors
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                           collate_fn=collate_images, pin_memory=pin_memory, prefetch_factor=4)
+
+
 def _check_image_array(X: np.ndarray) -> np.ndarray:
     """Validate a numeric (n, H, W[, C]) array as a whole; errors name the first offending sample."""
     if X.ndim >= 1 and len(X) == 0:

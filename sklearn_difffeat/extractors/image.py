@@ -13,7 +13,7 @@ from ..backbones.dit import load_dit_backbone
 from ..store import stable_hash
 from ._base import BaseDiffusionFeatureExtractor
 from ._engine import Batch, BatchResult, ExtraRows, TimestepFeatures, pool_tokens
-from ._images import PREPROCESSING, ImageDataset, ImageSamples, collate_images, to_uint8_images
+from ._images import PREPROCESSING, ImageSamples, decode_batches, to_uint8_images
 from ._inputs import as_list
 from ._noise import normals, sample_seeds
 
@@ -193,7 +193,7 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         return ImageSamples(X, backbone.resolution, backbone.image_channels)
 
     def _batches(self, run, samples, backbone, todo):
-        """Stored clean inputs first (no decoding), then images decoded in worker processes."""
+        """Stored clean inputs first (no decoding), then images decoded in worker processes (or here)."""
         size = self.batch_size
         shape = backbone.latent_shape
         if run.store is not None:
@@ -211,34 +211,13 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
                 todo = todo[~np.isin(todo, np.concatenate(served))]
         if len(todo) == 0:
             return
-        positions = run.first[todo]
-        workers = self._workers()
-        if samples.ready or workers == 0:
-            for start in range(0, len(todo), size):
-                rows = todo[start:start + size]
-                yield Batch(rows, ("pixels", self._pinned(run, self._load_in_process(run, samples, rows))))
-            return
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(samples, positions), batch_size=size, num_workers=workers, collate_fn=collate_images,
-            pin_memory=run.device.type == "cuda", prefetch_factor=4,
-        )
-        for indices, pixels, errors in loader:
+        # Samples that cannot be read are left out of their batch: nothing of theirs is computed or stored.
+        batches = decode_batches(samples, run.first[todo], size, self._workers(), pin_memory=run.device.type == "cuda")
+        for indices, pixels, errors in batches:
             for i, message in errors.items():
                 run.fail(int(todo[i]), message)
             if pixels is not None:
                 yield Batch(todo[indices], ("pixels", pixels))
-
-    def _load_in_process(self, run, samples, rows):
-        if samples.ready:
-            return samples.pixels(run.first[rows])
-        images = []
-        for row in rows:
-            try:
-                images.append(samples.load(int(run.first[row])))
-            except ValueError as exc:
-                run.fail(int(row), str(exc))
-                images.append(np.zeros((samples.resolution, samples.resolution, samples.channels), np.uint8))
-        return torch.from_numpy(np.stack(images))
 
     @staticmethod
     def _pinned(run, tensor):
