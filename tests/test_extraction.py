@@ -372,3 +372,18 @@ def test_an_unreadable_file_leaves_nothing_in_the_store(tiny_dit_dir, rgb_images
     later = ext_for(tiny_dit_dir, timestep=[20], cache=store, num_workers=workers)
     features, report = later.transform_with_report(files, on_error="record")
     assert list(report.failed) == [1] and np.isnan(features[1]).all() and not np.isnan(features[[0, 2, 3]]).any()
+
+
+def test_to_uint8_images_decodes_alike_in_workers_and_names_a_bad_file(rgb_images, tmp_path):
+    files = []
+    for i, image in enumerate(rgb_images):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(image).save(files[-1], quality=90)
+    here = _images.to_uint8_images(files, 16, num_workers=0, batch_size=3)
+    assert here.shape == (len(files), 16, 16, 3)
+    np.testing.assert_array_equal(here[2], _images.load_image(files[2], 2, 16, 3))
+    np.testing.assert_array_equal(_images.to_uint8_images(files, 16, num_workers=2, batch_size=3), here)
+    (tmp_path / "broken.jpg").write_bytes(b"not a picture")
+    for workers in (0, 2):
+        with pytest.raises(ValueError, match="Image 4: cannot read file"):
+            _images.to_uint8_images([*files[:4], str(tmp_path / "broken.jpg"), *files[4:]], 16, num_workers=workers)

@@ -334,7 +334,16 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def to_uint8_images(X, resolution: int, channels: int = 3) -> np.ndarray:
-    """``(n, resolution, resolution, channels)`` uint8: exactly the pixels the extractor feeds the model."""
+def to_uint8_images(X, resolution: int, channels: int = 3, *, num_workers: int = 0, batch_size: int = 64) -> np.ndarray:
+    """``(n, resolution, resolution, channels)`` uint8: exactly the pixels the extractor feeds the model.
+
+    Decoded as ``transform`` decodes them: in ``num_workers`` DataLoader processes (0: in this process), in
+    batches of ``batch_size``. The first image that cannot be read raises a ``ValueError`` naming it.
+    """
     samples = ImageSamples(X, resolution, channels)
-    return np.stack([samples.load(i) for i in range(len(samples))])
+    out = np.empty((len(samples), resolution, resolution, channels), dtype=np.uint8)
+    for indices, pixels, errors in decode_batches(samples, np.arange(len(samples)), batch_size, num_workers):
+        if errors:
+            raise ValueError(errors[min(errors)])
+        out[indices] = pixels.numpy()
+    return out
