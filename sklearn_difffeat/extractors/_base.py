@@ -22,7 +22,11 @@ from ._runtime import clear_backbone_cache as clear_backbone_cache  # still impo
 
 
 class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
-    """Shared base; see :class:`DiTFeatureExtractor` and :class:`TextDiffusionFeatureExtractor`."""
+    """Base of :class:`DiTFeatureExtractor` and :class:`TextDiffusionFeatureExtractor` (not used directly).
+
+    Holds what both share: the common parameters, ``fit``, ``transform`` and :meth:`transform_with_report`,
+    :meth:`feature_layout`, :meth:`read_stored`, feature names and the process-wide loaded backbone.
+    """
 
     _feature_prefix = "feat"
 
@@ -54,12 +58,14 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         raise NotImplementedError
 
     def _check_timesteps(self, backbone) -> list:
+        """``timestep`` validated for this model, as a list (ints or floats) in the order given."""
         raise NotImplementedError
 
     def _check_model_params(self, backbone) -> None:
         """Check subclass parameters whose valid range depends on the loaded model."""
 
     def _feature_width(self, backbone) -> int:
+        """Columns of one pooled (block, timestep) feature."""
         raise NotImplementedError
 
     def _namespace_description(self, backbone, timestep) -> dict:
@@ -71,7 +77,8 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         }
 
     def _samples(self, X, backbone):
-        """Validate X as a container; return an object with ``len()`` and ``keys(workers)``."""
+        """Validate X as a container; return an object with ``len()`` and ``keys(workers, errors)`` (content keys;
+        a sample that cannot be keyed raises, or is recorded in the ``errors`` dict when one is given)."""
         raise NotImplementedError
 
     def _batches(self, run: TransformRun, samples, backbone, todo: np.ndarray):

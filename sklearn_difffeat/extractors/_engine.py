@@ -49,6 +49,10 @@ class FeatureLayout:
         ``{namespace name: description}``: everything besides the sample that determines the stored feature.
     prefix : str
         The extractor's feature-name prefix (``"dit"``, ``"text"``).
+    feature_names : ndarray of str objects
+        Column names like ``dit_b12_t500_0``: prefix, block, timestep, index within the feature.
+    n_features : int
+        Number of columns.
     """
 
     blocks: tuple
@@ -64,7 +68,6 @@ class FeatureLayout:
 
     @property
     def feature_names(self) -> np.ndarray:
-        """Column names like ``dit_b12_t500_0``: prefix, block, timestep, index within the feature."""
         return np.asarray([f"{self.prefix}_b{b}_t{t:g}_{j}" for b in self.blocks for t in self.timesteps
                            for j in range(self.width)], dtype=object)
 
