@@ -34,7 +34,7 @@ from bench_dit import build as build_dit
 from bench_dit import naive_features
 
 from sklearn_difffeat import DiTFeatureExtractor, TextDiffusionFeatureExtractor
-from sklearn_difffeat.extractors._base import clear_backbone_cache
+from sklearn_difffeat.extractors import clear_backbone_cache
 
 LINES: list[str] = []
 

@@ -1,7 +1,8 @@
 """Host-side speed of the extraction engine, each figure against a baseline run in the same process.
 
-1. Decoding: 640x480 JPEG paths -> model-ready 256 px uint8 batches, through the engine's DataLoader with 2
-   worker processes against the same decoding in the calling process (num_workers=0).
+1. Decoding: 640x480 JPEG paths -> model-ready 256 px uint8 batches, through the extractor's decoding path
+   (``to_uint8_images``, which ``transform`` shares) with 2 DataLoader worker processes against the same decoding
+   in the calling process (num_workers=0).
 2. Stored features served by ``transform`` (arrays in, every feature already in the store): samples/s for the
    embedded model's 56 px mosaics and for 256 px images, against the one-file-per-sample cache a first version
    would write (an ``.npz`` per sample, read back one by one, keyed by a blake2b hash of each image).
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 from sklearn_difffeat import DiTFeatureExtractor
-from sklearn_difffeat.extractors._images import ImageDataset, ImageSamples, collate_images
+from sklearn_difffeat.extractors.image import to_uint8_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -54,20 +55,12 @@ def decoding(n: int, folder: Path) -> None:
     for i in range(n):
         paths.append(str(folder / f"{i:05d}.jpg"))
         Image.fromarray(photo_like(rng)).save(paths[-1], quality=90)
-    samples = ImageSamples(paths, 256, 3)
-    positions = np.arange(n)
 
-    def in_process():
-        for start in range(0, n, 32):
-            np.stack([samples.load(int(p)) for p in positions[start:start + 32]])
+    def decode(workers):
+        return lambda: to_uint8_images(paths, 256, num_workers=workers, batch_size=32)
 
-    def workers(k):
-        loader = torch.utils.data.DataLoader(ImageDataset(samples, positions), batch_size=32, num_workers=k,
-                                             collate_fn=collate_images, prefetch_factor=4)
-        return lambda: [None for _ in loader]
-
-    base = n / best_of(in_process)
-    two = n / best_of(workers(2))
+    base = n / best_of(decode(0))
+    two = n / best_of(decode(2))
     size = np.mean([os.path.getsize(p) for p in paths]) / 1024
     print(f"decode 640x480 JPEG ({size:.0f} KB) -> 256 px: num_workers=0 {base:8.0f} img/s | num_workers=2 "
           f"{two:8.0f} img/s | {two / base:.2f}x")

@@ -105,7 +105,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from sklearn_difffeat.extractors._base import clear_backbone_cache
+    from sklearn_difffeat.extractors import clear_backbone_cache
     from sklearn_difffeat.extractors.text import TextDiffusionFeatureExtractor
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

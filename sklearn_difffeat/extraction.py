@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.base import clone
 
-from .backbones.base import resolve_blocks
-from .extractors._base import BaseDiffusionFeatureExtractor, open_store
-from .store import FeatureStore
+from .extractors import BaseDiffusionFeatureExtractor, TransformReport, open_store
+from .store import KEY_LENGTH, FeatureStore
 
 __all__ = ["ExtractionResult", "extract"]
 
@@ -44,19 +43,9 @@ class ExtractionResult:
     failed: dict = field(default_factory=dict)
 
     def features(self) -> np.ndarray:
-        """(n, n_features) float32, in input order, read from the store (NaN rows for failed inputs)."""
-        extractor = self.extractor
-        backbone = extractor._backbone()
-        width = extractor._feature_width(backbone)
-        blocks = resolve_blocks(extractor.block, backbone.num_blocks)
-        namespaces = extractor._feature_namespaces(backbone, blocks)
-        timesteps = extractor._check_timesteps(backbone)
-        out = np.full((len(self.keys), len(blocks), len(timesteps), width), np.nan, dtype=np.float32)
-        for ti in range(len(timesteps)):
-            for bi, b in enumerate(blocks):
-                values, found = self.store.read(namespaces[b, ti][0], self.keys, width)
-                out[found, bi, ti] = values[found]
-        return out.reshape(len(self.keys), -1)
+        """(n, n_features) float32, in input order, read from the store (NaN rows for failed inputs); see
+        :meth:`~sklearn_difffeat.DiTFeatureExtractor.read_stored`."""
+        return self.extractor.read_stored(self.keys, self.store)
 
     def summary(self) -> str:
         return (f"{self.computed} samples computed, {self.already_stored} already stored, {len(self.failed)} "
@@ -110,7 +99,7 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
     if n == 0:
         raise ValueError("No inputs given (0 samples).")
     shards = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
-    keys = np.empty(n, dtype="S32")
+    keys = np.empty(n, dtype=f"S{KEY_LENGTH}")
     result = ExtractionResult(extractor=extractor, store=open_store(folder), keys=keys)
     bar = tqdm(total=n, disable=not progress, desc="extract", unit="sample")
     with bar:
@@ -143,7 +132,7 @@ def _slice(inputs, start, stop):
     return inputs[start:stop]
 
 
-def _run_shard(extractor, inputs) -> dict:
+def _run_shard(extractor, inputs) -> TransformReport:
     """One task: extract a shard into the store (skipping what is stored); return the work report."""
     import multiprocessing
 
@@ -153,14 +142,14 @@ def _run_shard(extractor, inputs) -> dict:
         extractor.set_params(num_workers=0)
     if not hasattr(extractor, "n_features_out_"):
         extractor = extractor.fit()
-    _, report = extractor._extract(inputs, keep_going=True)
+    _, report = extractor.transform_with_report(inputs, on_error="record")
     return report
 
 
-def _collect(result: ExtractionResult, start: int, report: dict, bar) -> None:
-    stop = start + len(report["keys"])
-    result.keys[start:stop] = report["keys"]
-    result.computed += report["computed"]
-    result.already_stored += report["stored"]
-    result.failed.update({start + p: message for p, message in report["failed"].items()})
+def _collect(result: ExtractionResult, start: int, report: TransformReport, bar) -> None:
+    stop = start + len(report.keys)
+    result.keys[start:stop] = report.keys
+    result.computed += report.computed
+    result.already_stored += report.stored
+    result.failed.update({start + p: message for p, message in report.failed.items()})
     bar.update(stop - start)

@@ -20,7 +20,7 @@ class PassCounter:
     """Counts DiT passes (patch-embedding calls), images through the DiT and the VAE, and blocks run."""
 
     def __init__(self, extractor):
-        backbone = extractor._backbone()
+        backbone = extractor.get_backbone()
         self.passes = self.encoded = self.rows = 0
         self.deepest = 0
         self._hooks = [

@@ -22,7 +22,7 @@ def test_dit_on_cuda_matches_cpu(tiny_dit_dir, rgb_images):
     # cuDNN may use TF32 for the VAE's convolutions: float32 on CUDA agrees to about 1e-3, not 1e-6.
     np.testing.assert_allclose(gpu32.transform(rgb_images), cpu, rtol=1e-2, atol=1e-3)
     auto = DiTFeatureExtractor(str(tiny_dit_dir), **params).fit(None)  # device=None, dtype="auto": CUDA, bf16
-    assert auto._backbone().dtype == torch.bfloat16
+    assert auto.get_backbone().dtype == torch.bfloat16
     assert cosine_rows(auto.transform(rgb_images), cpu).min() > 0.99
 
 

@@ -13,10 +13,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from PIL import Image
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 
-from sklearn_difffeat import DiTFeatureExtractor
-from sklearn_difffeat.extractors import _base
+from sklearn_difffeat import DiTFeatureExtractor, FeatureStore
+from sklearn_difffeat.extractors import clear_backbone_cache
 from sklearn_difffeat.extractors.image import to_uint8_images
 
 from conftest import SKLEARN_CHECKS_WITHOUT_DATA, TINY_DIT_LAYERS
@@ -26,7 +27,7 @@ RES = 16  # tiny VAE: 2x downsampling to an 8x8 latent
 
 def _capture_noisy_inputs(extractor):
     """Record every x_t the extractor feeds the transformer (inputs of its patch embedding)."""
-    transformer = extractor._backbone().transformer
+    transformer = extractor.get_backbone().transformer
     seen = []
     handle = transformer.pos_embed.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
     return seen, handle
@@ -150,7 +151,7 @@ def test_features_identical_across_processes(tiny_dit_dir, rgb_images, tmp_path)
 
 def test_different_blocks_differ_and_one_pass_serves_all_blocks(tiny_dit_dir, rgb_images):
     ext = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 3], timestep=400).fit(rgb_images)
-    transformer = ext._backbone().transformer
+    transformer = ext.get_backbone().transformer
     calls = {"embed": 0, "blocks": [0] * TINY_DIT_LAYERS}
     hooks = [transformer.pos_embed.register_forward_hook(lambda *a: calls.__setitem__("embed", calls["embed"] + 1))]
     for k, block in enumerate(transformer.transformer_blocks):
@@ -199,9 +200,9 @@ def test_noise_draws_average(tiny_dit_dir, rgb_images):
 
 def test_sklearn_contract(tiny_dit_dir, rgb_images):
     ext = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=100).fit(rgb_images)
-    loaded = ext._backbone()
+    loaded = ext.get_backbone()
     twin = clone(ext).set_params(block=4).fit(rgb_images)
-    assert twin._backbone() is loaded  # set_params / clone reuse the loaded weights
+    assert twin.get_backbone() is loaded  # set_params / clone reuse the loaded weights
     frame = twin.set_output(transform="pandas").transform(rgb_images)
     assert isinstance(frame, pd.DataFrame) and list(frame.columns[:2]) == ["dit_b4_t100_0", "dit_b4_t100_1"]
     with pytest.raises(Exception, match="not fitted"):
@@ -220,7 +221,7 @@ def test_column_transformer_on_dataframe(tiny_dit_dir, rgb_images):
 def _model_inputs(ext, X):
     """The pixels (in [-1, 1]) the extractor hands the VAE for X, in input order."""
     seen = []
-    handle = ext._backbone().vae.encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    handle = ext.get_backbone().vae.encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     features = ext.transform(X)
     handle.remove()
     return torch.cat(seen), features
@@ -264,7 +265,7 @@ def test_joblib_round_trip_reloads_weights(tiny_dit_dir, rgb_images, tmp_path):
     joblib.dump(ext, tmp_path / "ext.joblib")
     assert (tmp_path / "ext.joblib").stat().st_size < 1_000_000
     assert b"transformer_blocks" not in pickle.dumps(ext)
-    _base.clear_backbone_cache()  # as in a fresh process
+    clear_backbone_cache()  # as in a fresh process
     restored = joblib.load(tmp_path / "ext.joblib")
     np.testing.assert_array_equal(restored.transform(rgb_images), before)
 
@@ -347,7 +348,7 @@ def test_bfloat16_autocast_path_stays_close(tiny_dit_dir, rgb_images):
 def test_out_of_memory_halves_the_batch_and_goes_on(tiny_dit_dir, rgb_images, monkeypatch):
     reference = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300).fit(rgb_images).transform(rgb_images)
     ext = DiTFeatureExtractor(str(tiny_dit_dir), block=2, timestep=300, batch_size=8).fit(rgb_images)
-    backbone = ext._backbone()
+    backbone = ext.get_backbone()
     real = type(backbone).hidden_states
     sizes = []
 
@@ -437,6 +438,77 @@ def test_loaded_backbone_keeps_its_source_alive(tiny_dit_dir, rgb_images):
     del source
     gc.collect()
     assert ref() is not None
-    _base.clear_backbone_cache()
+    clear_backbone_cache()
     gc.collect()
     assert ref() is None
+
+
+def test_two_threads_asking_for_one_model_load_it_once(tiny_dit_dir, monkeypatch):
+    import threading
+    import time
+
+    from sklearn_difffeat.extractors import image as image_module
+
+    loads = []
+    real = image_module.load_dit_backbone
+
+    def slow_load(*args, **kwargs):
+        loads.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the other thread to ask while this load runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(image_module, "load_dit_backbone", slow_load)
+    clear_backbone_cache()
+    start = threading.Barrier(2)
+    got = [None, None]
+
+    def ask(i):
+        start.wait()
+        got[i] = DiTFeatureExtractor(str(tiny_dit_dir), block=1).get_backbone()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1
+    assert got[0] is got[1] is not None
+    # another model (here: another dtype) still loads on its own
+    DiTFeatureExtractor(str(tiny_dit_dir), block=1, dtype="bfloat16").get_backbone()
+    assert len(loads) == 2
+
+
+def test_feature_layout_against_a_hand_built_expectation(tiny_dit_dir, tiny_pixel_dit_dir, rgb_images, tmp_path):
+    ext = DiTFeatureExtractor(str(tiny_dit_dir), block=[4, -1], timestep=[10, 20], cache=str(tmp_path)).fit(None)
+    layout = ext.feature_layout()
+    width = 2 * 8  # heads x head width of the tiny DiT
+    assert layout.blocks == (4, TINY_DIT_LAYERS) and layout.timesteps == (10, 20) and layout.width == width
+    names = [f"dit_b{b}_t{t}_{j}" for b in (4, 5) for t in (10, 20) for j in range(width)]
+    assert list(layout.feature_names) == names == list(ext.get_feature_names_out())
+    assert set(layout.namespaces) == {(4, 10), (4, 20), (5, 10), (5, 20)}
+    assert len(set(layout.namespaces.values())) == 4 and set(layout.descriptions) == set(layout.namespaces.values())
+    for (b, t), name in layout.namespaces.items():
+        assert name.startswith(f"dit-b{b}-t{t}-")
+        assert layout.descriptions[name]["block"] == b and layout.descriptions[name]["timestep"] == t
+    # other blocks, indexed as the block parameter; a shared (block, timestep) keeps its namespace
+    other = ext.feature_layout(blocks=[0, -2])
+    assert other.blocks == (0, 4) and other.namespaces[4, 20] == layout.namespaces[4, 20]
+    with pytest.raises(ValueError, match="blocks=9 is out of range"):
+        ext.feature_layout(blocks=9)
+    # the namespaces are where transform stores the features
+    ext.transform(rgb_images)
+    assert set(layout.namespaces.values()) <= set(FeatureStore(tmp_path).namespaces())
+
+    def namespace(model=str(tiny_dit_dir), **change):
+        params = {"block": 4, "timestep": 10, **change}
+        return DiTFeatureExtractor(model, **params).fit(None).feature_layout().namespaces[4, 10]
+
+    base = namespace()
+    for change in [dict(pooling="max"), dict(n_noise_draws=2), dict(random_state=1), dict(class_label=3),
+                   dict(dtype="bfloat16"), dict(model=str(tiny_pixel_dit_dir))]:
+        assert namespace(**change) != base, change
+    for change in [dict(batch_size=3), dict(num_workers=0), dict(verbose=1), dict(cache=str(tmp_path)),
+                   dict(cache=str(tmp_path), cache_depth=-1), dict(block=[1, 4]), dict(timestep=[10, 99])]:
+        assert namespace(**change) == base, change
+    with pytest.raises(NotFittedError):
+        DiTFeatureExtractor(str(tiny_dit_dir)).feature_layout()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sklearn_difffeat import DiTFeatureExtractor, FeatureStore, TextDiffusionFeatureExtractor
-from sklearn_difffeat.extractors import _images
+from sklearn_difffeat.extractors import _images, _runtime
 
 from conftest import PassCounter, build_tiny_dit_pipeline
 
@@ -122,9 +122,7 @@ def test_damaged_segment_is_recomputed_not_read(tiny_dit_dir, rgb_images, tmp_pa
         array = np.load(data)
         np.save(data, array + 1.0)  # same shape, wrong values: only the checksum can tell
     fresh = ext_for(tiny_dit_dir, cache=str(store_dir))  # a new process would open the store anew
-    from sklearn_difffeat.extractors import _base
-
-    _base._STORES.clear()
+    _runtime.clear_store_cache()
     counter = PassCounter(fresh)
     with pytest.warns(RuntimeWarning, match="checksum"):
         got = fresh.transform(rgb_images)
@@ -138,9 +136,7 @@ def test_damaged_latents_are_encoded_again(tiny_dit_dir, rgb_images, tmp_path):
     ext_for(tiny_dit_dir, cache=str(store_dir), batch_size=3).transform(rgb_images)
     for data in store_dir.glob("dit-x0-*/*.npy"):
         np.save(data, np.load(data) * 2)  # wrong values, right shape
-    from sklearn_difffeat.extractors import _base
-
-    _base._STORES.clear()  # as a new process would
+    _runtime.clear_store_cache()  # as a new process would
     later = ext_for(tiny_dit_dir, timestep=[300], cache=str(store_dir), batch_size=3)
     counter = PassCounter(later)
     with pytest.warns(RuntimeWarning, match="checksum"):
@@ -163,7 +159,7 @@ _WORKER = textwrap.dedent(
         passes.append(1)
         if len(passes) > int(kill_after):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as with an OOM kill or a pulled plug
-    ext._backbone().transformer.pos_embed.register_forward_hook(maybe_die)
+    ext.get_backbone().transformer.pos_embed.register_forward_hook(maybe_die)
     np.save(out, ext.transform(X))
     """
 )
@@ -302,7 +298,7 @@ def test_text_store_and_duplicates(tmp_path):
     params = dict(block=[1, -1], timestep=[0.0, 0.5], cache=str(tmp_path))
     first = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", **params).fit(None)
     calls = []
-    first._backbone().module.vocab_embed.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    first.get_backbone().module.vocab_embed.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
     out = first.transform(texts)
     assert sum(calls) == 3 * 2  # three distinct texts, two timesteps
     np.testing.assert_array_equal(out[0], out[2])
@@ -313,3 +309,81 @@ def test_text_store_and_duplicates(tmp_path):
     plain = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", block=[1, -1], timestep=[0.0, 0.5]).fit(None)
     np.testing.assert_allclose(plain.transform(texts), out, atol=1e-5)
     assert os.path.isdir(tmp_path) and FeatureStore(tmp_path).namespaces()
+
+
+def test_read_stored_equals_transform_and_is_nan_where_nothing_is_stored(tiny_dit_dir, rgb_images, tmp_path):
+    ext = ext_for(tiny_dit_dir, cache=str(tmp_path / "store"))
+    empty_keys = ext.transform_with_report(rgb_images[:2])[1].keys  # computed and stored now
+    features, report = ext.transform_with_report(rgb_images)
+    assert report.computed == len(rgb_images) - 2 and report.stored == 2 and report.failed == {}
+    counter = PassCounter(ext)
+    np.testing.assert_array_equal(ext.read_stored(report.keys), features)
+    assert counter.passes == 0 and counter.encoded == 0
+    counter.close()
+    np.testing.assert_array_equal(report.keys[:2], empty_keys)
+    # the same store given explicitly, to an extractor without a cache, and keys as str
+    plain = ext_for(tiny_dit_dir)
+    np.testing.assert_array_equal(plain.read_stored([k.decode() for k in report.keys], tmp_path / "store"), features)
+    with pytest.raises(ValueError, match="read_stored needs a feature store"):
+        plain.read_stored(report.keys)
+    # nothing stored: an empty store, a sample never seen, or one (block, timestep) of the row missing
+    assert np.isnan(plain.read_stored(report.keys, tmp_path / "empty")).all()
+    unseen = ext.transform_with_report(rgb_images[:1] // 2)[1].keys  # computed by a run without that cache
+    more = ext_for(tiny_dit_dir, timestep=[*STEPS, 999], cache=str(tmp_path / "store"))
+    got = more.read_stored(np.concatenate([report.keys, unseen]))
+    assert got.shape == (len(rgb_images) + 1, more.n_features_out_) and np.isnan(got).all()
+
+
+def test_transform_with_report_records_unreadable_files_by_position(tiny_dit_dir, rgb_images, tmp_path):
+    files = []
+    for i, image in enumerate(rgb_images[:4]):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(files[-1])
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    inputs = [files[0], str(tmp_path / "broken.png"), files[1], files[2], str(tmp_path / "absent.png"), files[3],
+              files[0]]
+    ext = ext_for(tiny_dit_dir, num_workers=0)
+    with pytest.raises(ValueError, match=r"Image 4: cannot read file .*absent\.png"):
+        ext.transform(inputs)
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'record'"):
+        ext.transform_with_report(inputs, on_error="skip")
+    features, report = ext.transform_with_report(inputs, on_error="record")
+    assert sorted(report.failed) == [1, 4]
+    assert "broken.png" in report.failed[1] and "absent.png" in report.failed[4]
+    assert np.isnan(features[[1, 4]]).all()
+    good = [0, 2, 3, 5, 6]
+    np.testing.assert_array_equal(features[good], ext.transform([inputs[i] for i in good]))
+    assert report.computed == 4 and report.stored == 0  # four distinct readable files, no store
+    assert len(report.keys) == len(inputs) and report.keys[0] == report.keys[6]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_file_leaves_nothing_in_the_store(tiny_dit_dir, rgb_images, tmp_path, workers):
+    files = []
+    for i, image in enumerate(rgb_images[:3]):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(files[-1])
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    files.insert(1, str(tmp_path / "broken.png"))
+    store = str(tmp_path / "store")
+    first = ext_for(tiny_dit_dir, timestep=[10], cache=store, num_workers=workers)
+    assert list(first.transform_with_report(files, on_error="record")[1].failed) == [1]
+    # its clean input was not stored either: at another timestep it is still unreadable, not a black picture
+    later = ext_for(tiny_dit_dir, timestep=[20], cache=store, num_workers=workers)
+    features, report = later.transform_with_report(files, on_error="record")
+    assert list(report.failed) == [1] and np.isnan(features[1]).all() and not np.isnan(features[[0, 2, 3]]).any()
+
+
+def test_to_uint8_images_decodes_alike_in_workers_and_names_a_bad_file(rgb_images, tmp_path):
+    files = []
+    for i, image in enumerate(rgb_images):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(image).save(files[-1], quality=90)
+    here = _images.to_uint8_images(files, 16, num_workers=0, batch_size=3)
+    assert here.shape == (len(files), 16, 16, 3)
+    np.testing.assert_array_equal(here[2], _images.load_image(files[2], 2, 16, 3))
+    np.testing.assert_array_equal(_images.to_uint8_images(files, 16, num_workers=2, batch_size=3), here)
+    (tmp_path / "broken.jpg").write_bytes(b"not a picture")
+    for workers in (0, 2):
+        with pytest.raises(ValueError, match="Image 4: cannot read file"):
+            _images.to_uint8_images([*files[:4], str(tmp_path / "broken.jpg"), *files[4:]], 16, num_workers=workers)

@@ -14,9 +14,8 @@ from test_text_backbones import WORDS, make_tiny_mdlm
 
 from sklearn_difffeat.backbones.mdlm import loglinear_sigma
 from sklearn_difffeat.backbones.text import load_text_backbone
-from sklearn_difffeat.extractors import TextDiffusionFeatureExtractor
+from sklearn_difffeat.extractors import TextDiffusionFeatureExtractor, clear_backbone_cache
 from sklearn_difffeat.extractors import text as text_module
-from sklearn_difffeat.extractors._base import clear_backbone_cache
 
 from conftest import SKLEARN_CHECKS_WITHOUT_DATA
 

@@ -1,8 +1,14 @@
 """scikit-learn feature extractors over diffusion Transformers."""
 
+from ._base import BaseDiffusionFeatureExtractor
+from ._engine import FeatureLayout, TransformReport
+from ._runtime import clear_backbone_cache, open_store
 from .image import DiTFeatureExtractor
 
-__all__ = ["DiTFeatureExtractor", "TextDiffusionFeatureExtractor"]
+__all__ = [
+    "BaseDiffusionFeatureExtractor", "DiTFeatureExtractor", "FeatureLayout", "TextDiffusionFeatureExtractor",
+    "TransformReport", "clear_backbone_cache", "open_store",
+]
 
 
 def __getattr__(name):

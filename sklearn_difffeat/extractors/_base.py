@@ -1,209 +1,32 @@
-"""The extraction engine shared by the image and text extractors.
-
-A subclass says how to load its backbone, how to validate and key its input, how to turn samples into batches
-and how to compute pooled features for a batch. This base does the rest, in one streaming pass:
-
-1. key every sample by its content (parallel hashing; no decoding), and fold identical samples together;
-2. serve what the feature store already holds, per (block, timestep);
-3. stream the rest through the subclass's batches (decoded in worker processes, or read from the store),
-   computing every missing timestep of a batch while its clean input is at hand;
-4. copy results back asynchronously, so the device computes batch k + 1 while the host stores batch k, and
-   append them to the store segment by segment, so an interrupted run keeps what it finished.
-
-Host memory stays bounded by the batch size and the prefetch depth; only the keys and the output grow with n.
+"""The estimator shared by the image and text extractors: parameters, the scikit-learn API, and the hooks a
+subclass fills in (loading its backbone, validating and keying its input, batching it and computing pooled
+features for a batch). One transform call runs as a :class:`~._engine.TransformRun`.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
-import queue
-import threading
-import warnings
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
 from ..backbones.base import resolve_blocks
-from ..store import FeatureStore, StoreWriteError, stable_hash
-from ._noise import key_words
-
-KEY_BYTES = 16  # 128-bit sample keys, written as 32 hex characters
-
-# Loaded backbones, shared by every extractor in the process: clones made by GridSearchCV, or set_params
-# between fits, reuse the weights instead of reading them again. Small, because each entry may hold GBs.
-_BACKBONES: OrderedDict = OrderedDict()
-_MAX_BACKBONES = 2
-# Open stores, so their loaded segment indexes and memory maps serve every transform of the process.
-_STORES: dict = {}
-
-
-def cached_backbone(key, load, keepalive=None):
-    """Return the backbone stored under ``key``, loading it with ``load()`` on a miss (LRU of 2).
-
-    ``keepalive`` is held with the entry: when a key contains ``id(obj)``, holding ``obj`` stops Python from
-    reusing that id for another object while the entry exists.
-    """
-    if key in _BACKBONES:
-        _BACKBONES.move_to_end(key)
-        return _BACKBONES[key][1]
-    backbone = load()
-    _BACKBONES[key] = (keepalive, backbone)
-    while len(_BACKBONES) > _MAX_BACKBONES:
-        _BACKBONES.popitem(last=False)
-    return backbone
-
-
-def clear_backbone_cache():
-    """Drop every loaded backbone (frees their memory; the next transform reloads)."""
-    _BACKBONES.clear()
-
-
-def open_store(directory) -> FeatureStore:
-    path = os.path.abspath(os.fspath(directory))
-    if path not in _STORES:
-        _STORES[path] = FeatureStore(path)
-    return _STORES[path]
-
-
-def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool (B, N, D) token states to (B, D) ("mean", "max", "first") or (B, N*D) ("none"), in float32.
-
-    ``mask`` (B, N) marks real tokens; padding never enters a mean or max.
-    """
-    hidden = hidden.float()
-    if pooling == "first":
-        return hidden[:, 0]
-    if pooling == "none":
-        return hidden.reshape(hidden.shape[0], -1)
-    if mask is None:
-        return hidden.mean(dim=1) if pooling == "mean" else hidden.amax(dim=1)
-    mask = mask.to(hidden.device, torch.bool).unsqueeze(-1)
-    if pooling == "mean":
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    return hidden.masked_fill(~mask, float("-inf")).amax(dim=1)
-
-
-def as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple, np.ndarray, range)) else [value]
-
-
-def single_column(X, what: str):
-    """Unwrap the one-column DataFrame a ColumnTransformer passes for a column given as a list (``["image"]``)."""
-    if hasattr(X, "iloc") and getattr(X, "ndim", 1) == 2:
-        if X.shape[1] != 1:
-            raise ValueError(f"Expected one column of {what}, got a DataFrame with {X.shape[1]} columns.")
-        return X.iloc[:, 0]
-    return X
-
-
-def prefetch(iterator, depth: int):
-    """Run ``iterator`` in a background thread, ``depth`` items ahead; re-raise its errors here."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                items.put(item)
-            items.put(done)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            items.put(exc)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (item := items.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
-
-def default_workers() -> int:
-    """All cores but one (the one that drives the device), at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(16, cores - 1))
-
-
-def resolve_device(device, model_device: torch.device | None = None) -> torch.device:
-    """``device`` as a torch.device; None means the given modules' device, else CUDA when available."""
-    if device is None:
-        if model_device is not None:
-            return model_device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device={device!r} is not a device torch knows ({exc}).") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device={str(device)!r} was requested, but PyTorch sees no CUDA device "
-                             f"(torch {torch.__version__}, torch.cuda.is_available() is False). Use device=None "
-                             "(CUDA when available, else CPU) or device='cpu'.")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device={str(device)!r} was requested, but only {count} CUDA device(s) are visible.")
-    return device
-
-
-def resolve_dtype(dtype, device: torch.device, model_dtype: torch.dtype | None = None) -> torch.dtype:
-    """``"auto"``: the given modules' dtype, else bfloat16 on CUDA and float32 elsewhere."""
-    if dtype == "auto":
-        if model_dtype is not None:
-            return model_dtype
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-@dataclass
-class Batch:
-    """A batch of unique samples on its way to the device: ``rows`` index the call's unique samples."""
-
-    rows: np.ndarray
-    payload: object  # the subclass's input: pixels, latents, token ids ...
-
-
-@dataclass
-class _Run:
-    """State of one ``transform`` call."""
-
-    keys: np.ndarray  # (U,) unique sample keys
-    first: np.ndarray  # (U,) position of each unique sample in the input
-    inverse: np.ndarray  # (n,) unique row of each input position
-    missing: np.ndarray  # (U, T) which (sample, timestep) features still need computing
-    blocks: list  # requested blocks
-    computed_blocks: list  # blocks each pass produces (requested, or every block up to cache_depth)
-    timesteps: list
-    out: np.ndarray  # (n, len(blocks), T, width)
-    store: FeatureStore | None
-    namespaces: dict  # (block, timestep index) -> namespace
-    descriptions: dict  # namespace -> description
-    rows_per_pass: int
-    device: torch.device
-    writers: dict = field(default_factory=dict)
-    keep_going: bool = False  # record unreadable samples instead of raising
-    failures: dict = field(default_factory=dict)  # unique row -> message (only when failures are kept)
-    store_failed: bool = False
+from ..store import FeatureStore, stable_hash
+from ._engine import Batch, BatchResult, FeatureLayout, TransformRun, read_stored_into
+from ._runtime import cached_backbone, default_workers, open_store, resolve_device, resolve_dtype
+from ._runtime import clear_backbone_cache as clear_backbone_cache  # still importable from its former place
 
 
 class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
-    """Shared base; see :class:`DiTFeatureExtractor` and :class:`TextDiffusionFeatureExtractor`."""
+    """Base of :class:`DiTFeatureExtractor` and :class:`TextDiffusionFeatureExtractor` (not used directly).
+
+    Holds what both share: the common parameters, ``fit``, ``transform`` and :meth:`transform_with_report`,
+    :meth:`feature_layout`, :meth:`read_stored`, feature names and the process-wide loaded backbone.
+    """
 
     _feature_prefix = "feat"
 
@@ -235,12 +58,14 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         raise NotImplementedError
 
     def _check_timesteps(self, backbone) -> list:
+        """``timestep`` validated for this model, as a list (ints or floats) in the order given."""
         raise NotImplementedError
 
     def _check_model_params(self, backbone) -> None:
         """Check subclass parameters whose valid range depends on the loaded model."""
 
     def _feature_width(self, backbone) -> int:
+        """Columns of one pooled (block, timestep) feature."""
         raise NotImplementedError
 
     def _namespace_description(self, backbone, timestep) -> dict:
@@ -252,17 +77,19 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         }
 
     def _samples(self, X, backbone):
-        """Validate X as a container; return an object with ``len()`` and ``keys(workers)``."""
+        """Validate X as a container; return an object with ``len()`` and ``keys(workers, errors)`` (content keys;
+        a sample that cannot be keyed raises, or is recorded in the ``errors`` dict when one is given)."""
         raise NotImplementedError
 
-    def _batches(self, run: _Run, samples, backbone, todo: np.ndarray):
-        """Yield :class:`Batch` es covering the unique samples ``todo`` (indices into ``run.keys``)."""
+    def _batches(self, run: TransformRun, samples, backbone, todo: np.ndarray):
+        """Yield :class:`Batch` es covering the distinct samples ``todo`` (indices into ``run.keys``); report
+        unreadable samples with ``run.fail``."""
         raise NotImplementedError
 
-    def _compute(self, run: _Run, backbone, batch: Batch, plan) -> dict:
-        """Features of ``batch``: ``{ti: (local rows, {block: (k, width) tensor})}`` for each ``(ti, t)`` of
-        ``plan``, for the rows of the batch that miss timestep ``ti``. May also return ``"extra"``: a list of
-        ``(namespace, description, local rows, (k, w) tensor)`` to store (e.g. latents)."""
+    def _compute(self, run: TransformRun, backbone, batch: Batch, plan) -> BatchResult:
+        """Features of ``batch`` for each ``(timestep index, timestep)`` of ``plan``, for the rows of the batch
+        that miss that timestep, at every block of ``run.computed_blocks``; and any extra rows to store (e.g.
+        clean latents)."""
         raise NotImplementedError
 
     # ---- sklearn API ----------------------------------------------------------------------------------
@@ -284,192 +111,142 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         self._cache_depth(backbone)
         self.n_blocks_ = backbone.num_blocks
         self.feature_width_ = self._feature_width(backbone)
-        self.n_features_out_ = len(self._feature_names(backbone))
+        self.n_features_out_ = self._layout(backbone).n_features
         return self
 
     def transform(self, X):
         """Pooled features, float32 array of shape (n_samples, n_blocks * n_timesteps * width).
 
         Column order: for each block (in the order given), for each timestep (in the order given), the pooled
-        feature of that (block, timestep).
+        feature of that (block, timestep); see :meth:`feature_layout`. An input that cannot be read raises a
+        ``ValueError`` naming it (:meth:`transform_with_report` can record it instead).
+        """
+        return self.transform_with_report(X)[0]
+
+    def transform_with_report(self, X, *, on_error="raise"):
+        """Features, as :meth:`transform` returns them, and a report of what the call did.
+
+        Parameters
+        ----------
+        X : images or texts
+            What :meth:`transform` takes.
+        on_error : {"raise", "record"}, default="raise"
+            What an input that cannot be read (a missing or undecodable image file) does: ``"raise"`` raises a
+            ``ValueError`` naming it; ``"record"`` lists it in the report's ``failed``, gives it a row of NaN and
+            goes on with the other inputs. Invalid containers and parameters raise in both cases.
+
+        Returns
+        -------
+        features : ndarray of shape (n_samples, n_features_out_), float32
+            The features (a plain array, whatever ``set_output`` says).
+        report : TransformReport
+            Each input's content key (its key in the feature store), how many distinct samples needed the model
+            and how many the store served alone, and the unreadable inputs by position.
         """
         check_is_fitted(self, "n_features_out_")
-        return self._extract(X)[0]
-
-    def _extract(self, X, keep_going: bool = False):
-        """Features and a report of the work: ``{"keys": (n,) sample keys, "computed": samples that needed the
-        backbone, "stored": samples served from the store alone, "failed": {input position: message}}``.
-
-        With ``keep_going``, a sample that cannot be read is recorded (its row is NaN) instead of raising.
-        """
+        if on_error not in ("raise", "record"):
+            raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}.")
         backbone = self._backbone()
         samples = self._samples(X, backbone)
-        run = self._plan(backbone, samples, keep_going)
-        todo = np.flatnonzero(run.missing.any(axis=1))
-        total = int(run.missing.sum())
-        progress = tqdm(total=total, disable=not self.verbose or total == 0, desc=type(self).__name__,
-                        unit="sample")
-        try:
-            with progress, torch.inference_mode():
-                self._stream(run, samples, backbone, todo, progress)
-        finally:
-            self._close_writers(run)
-        failed_rows = np.array(sorted(run.failures), dtype=np.int64)
-        report = {
-            "keys": run.keys[run.inverse],
-            "computed": len(todo) - len(failed_rows),
-            "stored": len(run.keys) - len(todo),
-            "failed": {int(p): run.failures[run.inverse[p]] for p in np.flatnonzero(np.isin(run.inverse, failed_rows))},
-        }
-        return self._finish(run), report
+        run = self._start_run(backbone, samples, on_error)
+        batches = self._batches(run, samples, backbone, run.todo)
+        return run.execute(batches, lambda batch, plan: self._compute(run, backbone, batch, plan),
+                           desc=type(self).__name__, verbose=self.verbose)
 
-    def _plan(self, backbone, samples, keep_going: bool = False) -> _Run:
-        """Key the samples, fold duplicates, and read what the store already holds."""
+    def feature_layout(self, blocks=None) -> FeatureLayout:
+        """Which features the parameters produce: blocks, timesteps, width, column names and store namespaces.
+
+        Parameters
+        ----------
+        blocks : int, list of int or None, default=None
+            Blocks to describe, indexed as the ``block`` parameter; None describes ``block`` itself.
+
+        Returns
+        -------
+        FeatureLayout
+            ``blocks`` (resolved to ``[0, n_blocks_]``), ``timesteps``, ``width`` (columns per (block,
+            timestep)), ``feature_names`` (those of :meth:`get_feature_names_out` for ``blocks=None``),
+            ``namespaces`` ({(block, timestep): feature store namespace}) and ``descriptions`` ({namespace:
+            what determines its features}). Namespaces change with every parameter that changes features, and
+            only with those.
+        """
+        check_is_fitted(self, "n_features_out_")
+        return self._layout(self._backbone(), blocks)
+
+    def read_stored(self, keys, store=None) -> np.ndarray:
+        """The stored features of samples given by their content keys, in :meth:`transform`'s column order.
+
+        Reads the feature store only: no model pass, no input. Keys come from
+        :meth:`transform_with_report` or :func:`~sklearn_difffeat.extract`.
+
+        Parameters
+        ----------
+        keys : array-like of shape (n_samples,)
+            Content keys (32 lower-case hex characters, as str or bytes).
+        store : FeatureStore, str, path-like or None, default=None
+            The store to read; None reads the extractor's ``cache``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features_out_), float32
+            A row of NaN for each key whose features are not all stored.
+        """
+        check_is_fitted(self, "n_features_out_")
+        if store is None:
+            if self.cache is None:
+                raise ValueError("read_stored needs a feature store: pass store=... or set the extractor's cache.")
+            store = self.cache
+        if not isinstance(store, FeatureStore):
+            store = open_store(store)
+        layout = self.feature_layout()
+        n = len(keys)
+        out = np.empty((n, len(layout.blocks), len(layout.timesteps), layout.width), dtype=np.float32)
+        complete = read_stored_into(layout, store, keys, out, np.arange(n))
+        out[~complete.all(axis=1)] = np.nan
+        return out.reshape(n, -1)
+
+    def _start_run(self, backbone, samples, on_error: str) -> TransformRun:
+        """Key the samples and start a run over them; each pass computes the requested blocks, or with a cache and
+        ``cache_depth``, every block up to that depth."""
         blocks = resolve_blocks(self.block, backbone.num_blocks)
-        timesteps = self._check_timesteps(backbone)
-        width = self._feature_width(backbone)
-        unreadable = {} if keep_going else None
-        keys = samples.keys(self._workers(), unreadable)
-        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        order = np.argsort(first)  # work in input order: progress and resumption follow the data
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        unique, first, inverse = unique[order], first[order], rank[inverse.reshape(-1)]
         store = open_store(self.cache) if self.cache is not None else None
         depth = self._cache_depth(backbone) if store is not None else None
         computed = sorted(set(blocks) | (set(range(depth + 1)) if depth is not None and depth > max(blocks) else set()))
-        named = self._feature_namespaces(backbone, computed)
-        namespaces = {k: name for k, (name, _) in named.items()}
-        descriptions = dict(named.values())
-        out = np.empty((len(keys), len(blocks), len(timesteps), width), dtype=np.float32)
-        missing = np.ones((len(unique), len(timesteps)), dtype=bool)
-        if store is not None:
-            for ti in range(len(timesteps)):
-                stored = np.ones(len(unique), dtype=bool)
-                for bi, b in enumerate(blocks):
-                    values, found = store.read(namespaces[b, ti], unique, width)
-                    out[first[found], bi, ti] = values[found]
-                    stored &= found
-                missing[:, ti] = ~stored
-        run = _Run(keys=unique, first=first, inverse=inverse, missing=missing, blocks=blocks, computed_blocks=computed,
-                   timesteps=timesteps, out=out, store=store, namespaces=namespaces, descriptions=descriptions,
-                   rows_per_pass=self.batch_size, device=backbone.device, keep_going=keep_going)
-        for position, message in (unreadable or {}).items():
-            self._fail(run, int(inverse[position]), message)
-        return run
+        layout = self._layout(backbone, computed)
+        unreadable = {} if on_error == "record" else None
+        keys = samples.keys(self._workers(), unreadable)
+        return TransformRun.plan(keys, blocks, layout, store, self.batch_size, backbone.device, on_error, unreadable)
 
-    def _feature_namespaces(self, backbone, blocks) -> dict:
-        """{(block, timestep index): (namespace, description)} of the store entries these parameters read."""
+    def _layout(self, backbone, blocks=None) -> FeatureLayout:
+        """The :class:`FeatureLayout` of ``blocks`` (default: the requested ones) for this loaded backbone."""
+        blocks = resolve_blocks(self.block, backbone.num_blocks) if blocks is None else (
+            resolve_blocks(blocks, backbone.num_blocks, name="blocks"))
+        timesteps = self._check_timesteps(backbone)
         width = self._feature_width(backbone)
-        out = {}
-        for ti, t in enumerate(self._check_timesteps(backbone)):
+        namespaces, descriptions = {}, {}
+        for t in timesteps:
             base = self._namespace_description(backbone, t)
             for b in blocks:
                 description = {**base, "block": b, "width": width}
-                out[b, ti] = (f"{self._feature_prefix}-b{b}-t{t:g}-{stable_hash(description)}", description)
-        return out
-
-    def _stream(self, run: _Run, samples, backbone, todo, progress):
-        pending: deque = deque()
-        for batch in self._batches(run, samples, backbone, todo):
-            need = run.missing[batch.rows]
-            plan = [(ti, t) for ti, t in enumerate(run.timesteps) if need[:, ti].any()]
-            results = self._compute(run, backbone, batch, plan)
-            pending.append(self._to_host(run, batch, results))
-            if len(pending) > 1:  # the device already works on this batch while the host stores the last one
-                self._store_results(run, pending.popleft(), progress)
-        while pending:
-            self._store_results(run, pending.popleft(), progress)
-
-    @staticmethod
-    def _to_host(run: _Run, batch: Batch, results: dict):
-        """Start copying a batch's results to the host without waiting for the device."""
-        copies = {}
-        for ti, (local, feats) in results.get("features", {}).items():
-            stacked = torch.stack([feats[b] for b in sorted(feats)], dim=1).float()
-            copies[ti] = (local, sorted(feats), stacked.to("cpu", non_blocking=True))
-        extra = [(ns, desc, local, t.float().to("cpu", non_blocking=True)) for ns, desc, local, t in
-                 results.get("extra", [])]
-        event = None
-        if run.device.type == "cuda":  # the copies are queued behind the batch's kernels; wait for them later
-            event = torch.cuda.Event()
-            event.record()
-        return batch, copies, extra, event
-
-    def _store_results(self, run: _Run, item, progress):
-        batch, copies, extra, event = item
-        if event is not None:
-            event.synchronize()
-        for ns, description, local, values in extra:
-            self._write(run, ns, description, run.keys[batch.rows[local]], values.numpy())
-        for ti, (local, computed, values) in copies.items():
-            values = values.numpy()
-            rows = batch.rows[local]
-            for bi, b in enumerate(run.blocks):
-                run.out[run.first[rows], bi, ti] = values[:, computed.index(b)]
-            for j, b in enumerate(computed):
-                ns = run.namespaces[b, ti]
-                self._write(run, ns, run.descriptions[ns], run.keys[rows], values[:, j])
-            run.missing[rows, ti] = False
-            progress.update(len(rows))
-
-    def _write(self, run: _Run, namespace, description, keys, values):
-        if run.store is None or run.store_failed:
-            return
-        writer = run.writers.get(namespace)
-        if writer is None:
-            writer = run.writers[namespace] = run.store.writer(namespace, values.shape[1], description)
-        try:
-            writer.add(keys, values)
-        except StoreWriteError as exc:
-            self._store_unwritable(run, exc)
-
-    def _close_writers(self, run: _Run):
-        for writer in run.writers.values():
-            if run.store_failed:
-                break
-            try:
-                writer.flush()
-            except StoreWriteError as exc:
-                self._store_unwritable(run, exc)
-
-    @staticmethod
-    def _store_unwritable(run: _Run, exc):
-        run.store_failed = True
-        warnings.warn(f"{exc}. Features are computed and returned, but nothing is stored in the cache for the "
-                      "rest of this call.", RuntimeWarning, stacklevel=4)
-
-    @staticmethod
-    def _finish(run: _Run):
-        n = len(run.out)
-        canonical = run.first[run.inverse]
-        duplicates = np.flatnonzero(canonical != np.arange(n))
-        if len(duplicates):  # identical samples were computed once: copy them to their other positions
-            run.out[duplicates] = run.out[canonical[duplicates]]
-        if run.failures:
-            run.out[np.isin(run.inverse, list(run.failures))] = np.nan
-        return run.out.reshape(n, -1)
-
-    def _fail(self, run: _Run, row: int, message: str):
-        """A sample that cannot be read: raise, or (sharded extraction) record it and go on."""
-        if not run.keep_going:
-            raise ValueError(message)
-        run.failures[row] = message
-        run.missing[row] = False
+                name = f"{self._feature_prefix}-b{b}-t{t:g}-{stable_hash(description)}"
+                namespaces[b, t], descriptions[name] = name, description
+        return FeatureLayout(blocks=tuple(blocks), timesteps=tuple(timesteps), width=width, namespaces=namespaces,
+                             descriptions=descriptions, prefix=self._feature_prefix)
 
     def get_feature_names_out(self, input_features=None):
-        """Names like ``dit_b12_t500_0``: prefix, block, timestep, index within the pooled feature."""
-        check_is_fitted(self, "n_features_out_")
-        return self._feature_names(self._backbone())
+        """Names like ``dit_b12_t500_0``: prefix, block, timestep, index within the pooled feature.
 
-    def _feature_names(self, backbone):
-        blocks = resolve_blocks(self.block, backbone.num_blocks)
-        timesteps = self._check_timesteps(backbone)
-        width = self._feature_width(backbone)
-        return np.asarray(
-            [f"{self._feature_prefix}_b{b}_t{t:g}_{j}" for b in blocks for t in timesteps for j in range(width)],
-            dtype=object,
-        )
+        Parameters
+        ----------
+        input_features : ignored
+            Present for the scikit-learn API.
+
+        Returns
+        -------
+        ndarray of str objects, shape (n_features_out_,)
+        """
+        check_is_fitted(self, "n_features_out_")
+        return self.feature_layout().feature_names
 
     def get_backbone(self):
         """The loaded backbone this extractor runs (loaded on first use), for inspection: its modules (to hook
@@ -500,25 +277,3 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         if self.cache_depth is None:
             return None
         return resolve_blocks(self.cache_depth, backbone.num_blocks, name="cache_depth")[0]
-
-    def _in_chunks(self, run: _Run, n: int, compute):
-        """Call ``compute(slice)`` over row chunks of at most ``run.rows_per_pass``, halving it on CUDA
-        out-of-memory (the chunk is retried; the smaller size is kept for the rest of the call)."""
-        outputs, start = [], 0
-        while start < n:
-            stop = min(n, start + run.rows_per_pass)
-            try:
-                outputs.append(compute(slice(start, stop)))
-            except torch.OutOfMemoryError:
-                if run.rows_per_pass == 1:
-                    raise
-                run.rows_per_pass //= 2
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start = stop
-        return outputs
-
-    @staticmethod
-    def _seed_words(run: _Run, rows: np.ndarray, device) -> torch.Tensor:
-        return key_words(run.keys[rows]).to(device)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._base import KEY_BYTES, single_column
+from ..store import KEY_LENGTH
+from ._inputs import single_column
 
 # Bump when decoding or resizing changes: keys of file inputs are hashes of the file bytes, so the namespace
 # of cached latents and features must name the preprocessing that turned those bytes into pixels.
@@ -76,7 +77,7 @@ class ImageSamples:
         {position: message} and gets a key of its own that no content can have.
         """
         n = len(self.items)
-        keys = np.empty(n, dtype=f"S{2 * KEY_BYTES}")
+        keys = np.empty(n, dtype=f"S{KEY_LENGTH}")
         if self.is_array:
             return self._array_keys(workers)
 
@@ -89,7 +90,7 @@ class ImageSamples:
                     if errors is None:
                         raise
                     errors[i] = str(exc)
-                    keys[i] = hashlib.sha256(f"unreadable:{i}".encode()).hexdigest()[: 2 * KEY_BYTES].encode()
+                    keys[i] = hashlib.sha256(f"unreadable:{i}".encode()).hexdigest()[:KEY_LENGTH].encode()
 
         _in_threads(run, n, workers)
         return keys
@@ -110,8 +111,8 @@ class ImageSamples:
                 digests[i] = digest.digest()
 
         _in_threads(run, n, workers)
-        hexed = binascii.hexlify(b"".join(digests))  # 64 hex characters a row, of which the key keeps 32
-        return np.frombuffer(hexed, dtype="S64").astype(f"S{2 * KEY_BYTES}")
+        hexed = binascii.hexlify(b"".join(digests))  # 64 hex characters a row, of which the key keeps the first
+        return np.frombuffer(hexed, dtype="S64").astype(f"S{KEY_LENGTH}")
 
     def pixels(self, positions: np.ndarray) -> torch.Tensor:
         """(B, R, R, C) uint8 for a batch of positions, decoded here (the in-process path)."""
@@ -161,6 +162,29 @@ def collate_images(batch):
     indices = np.array([i for i, _ in good], dtype=np.int64)
     pixels = torch.from_numpy(np.stack([image for _, image in good])) if good else None
     return indices, pixels, errors
+
+
+def decode_batches(samples: ImageSamples, positions: np.ndarray, batch_size: int, workers: int,
+                   pin_memory: bool = False):
+    """Yield ``(indices, pixels, errors)`` over ``positions``, a batch at a time: the indices (into ``positions``)
+    of the samples decoded, their (k, R, R, C) uint8 pixels (None when no sample of the batch could be read), and
+    ``{index: message}`` for the samples that could not be.
+
+    Decoded in ``workers`` DataLoader processes, or in this process when ``workers`` is 0 or the samples need no
+    decoding. ``pin_memory`` pins the pixels for a fast copy to CUDA.
+    """
+    dataset = ImageDataset(samples, positions)
+    if samples.ready or workers == 0:
+        for start in range(0, len(positions), batch_size):
+            stop = min(len(positions), start + batch_size)
+            if samples.ready:
+                indices, pixels, errors = np.arange(start, stop), samples.pixels(positions[start:stop]), {}
+            else:
+                indices, pixels, errors = collate_images([dataset[i] for i in range(start, stop)])
+            yield indices, (pixels.pin_memory() if pin_memory and pixels is not None else pixels), errors
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                           collate_fn=collate_images, pin_memory=pin_memory, prefetch_factor=4)
 
 
 def _check_image_array(X: np.ndarray) -> np.ndarray:
@@ -213,7 +237,7 @@ def _content_key(item) -> bytes:
         digest = hashlib.sha256(f"array:{array.dtype.str}:{array.shape}:".encode())
         if array.size:  # an empty one is keyed by its shape alone; decoding then says what is wrong with it
             digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
+    return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
 
 
 def _file_key(path, index: int) -> bytes:
@@ -225,7 +249,7 @@ def _file_key(path, index: int) -> bytes:
                 digest.update(chunk)
     except OSError as exc:
         raise ValueError(f"Image {index}: cannot read file {os.fspath(path)!r} ({exc}).") from exc
-    return digest.hexdigest()[: 2 * KEY_BYTES].encode("ascii")
+    return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
 
 
 def load_image(item, index: int, resolution: int, channels: int) -> np.ndarray:
@@ -310,7 +334,16 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def to_uint8_images(X, resolution: int, channels: int = 3) -> np.ndarray:
-    """``(n, resolution, resolution, channels)`` uint8: exactly the pixels the extractor feeds the model."""
+def to_uint8_images(X, resolution: int, channels: int = 3, *, num_workers: int = 0, batch_size: int = 64) -> np.ndarray:
+    """``(n, resolution, resolution, channels)`` uint8: exactly the pixels the extractor feeds the model.
+
+    Decoded as ``transform`` decodes them: in ``num_workers`` DataLoader processes (0: in this process), in
+    batches of ``batch_size``. The first image that cannot be read raises a ``ValueError`` naming it.
+    """
     samples = ImageSamples(X, resolution, channels)
-    return np.stack([samples.load(i) for i in range(len(samples))])
+    out = np.empty((len(samples), resolution, resolution, channels), dtype=np.uint8)
+    for indices, pixels, errors in decode_batches(samples, np.arange(len(samples)), batch_size, num_workers):
+        if errors:
+            raise ValueError(errors[min(errors)])
+        out[indices] = pixels.numpy()
+    return out

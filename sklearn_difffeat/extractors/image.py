@@ -11,8 +11,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..backbones.dit import load_dit_backbone
 from ..store import stable_hash
-from ._base import BaseDiffusionFeatureExtractor, Batch, as_list, pool_tokens
-from ._images import PREPROCESSING, ImageDataset, ImageSamples, collate_images, to_uint8_images
+from ._base import BaseDiffusionFeatureExtractor
+from ._engine import Batch, BatchResult, ExtraRows, TimestepFeatures, pool_tokens
+from ._images import PREPROCESSING, ImageSamples, decode_batches, to_uint8_images
+from ._inputs import as_list
 from ._noise import normals, sample_seeds
 
 __all__ = ["DiTFeatureExtractor", "to_uint8_images"]
@@ -191,7 +193,7 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         return ImageSamples(X, backbone.resolution, backbone.image_channels)
 
     def _batches(self, run, samples, backbone, todo):
-        """Stored clean inputs first (no decoding), then images decoded in worker processes."""
+        """Stored clean inputs first (no decoding), then images decoded in worker processes (or here)."""
         size = self.batch_size
         shape = backbone.latent_shape
         if run.store is not None:
@@ -209,34 +211,13 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
                 todo = todo[~np.isin(todo, np.concatenate(served))]
         if len(todo) == 0:
             return
-        positions = run.first[todo]
-        workers = self._workers()
-        if samples.ready or workers == 0:
-            for start in range(0, len(todo), size):
-                rows = todo[start:start + size]
-                yield Batch(rows, ("pixels", self._pinned(run, self._load_in_process(run, samples, rows))))
-            return
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(samples, positions), batch_size=size, num_workers=workers, collate_fn=collate_images,
-            pin_memory=run.device.type == "cuda", prefetch_factor=4,
-        )
-        for indices, pixels, errors in loader:
+        # Samples that cannot be read are left out of their batch: nothing of theirs is computed or stored.
+        batches = decode_batches(samples, run.first[todo], size, self._workers(), pin_memory=run.device.type == "cuda")
+        for indices, pixels, errors in batches:
             for i, message in errors.items():
-                self._fail(run, int(todo[i]), message)
+                run.fail(int(todo[i]), message)
             if pixels is not None:
                 yield Batch(todo[indices], ("pixels", pixels))
-
-    def _load_in_process(self, run, samples, rows):
-        if samples.ready:
-            return samples.pixels(run.first[rows])
-        images = []
-        for row in rows:
-            try:
-                images.append(samples.load(int(run.first[row])))
-            except ValueError as exc:
-                self._fail(run, int(row), str(exc))
-                images.append(np.zeros((samples.resolution, samples.resolution, samples.channels), np.uint8))
-        return torch.from_numpy(np.stack(images))
 
     @staticmethod
     def _pinned(run, tensor):
@@ -244,43 +225,47 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
 
     # ---- computation ----------------------------------------------------------------------------------
     def _compute(self, run, backbone, batch, plan):
-        device = run.device
         kind, data = batch.payload
-        data = data.to(device, non_blocking=True)
-        extra = []
+        data = data.to(run.device, non_blocking=True)
+        result = BatchResult()
         if kind == "pixels":
             # uint8 travels to the device (4x less than float) and is normalised there.
             pixels = data.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            x0 = torch.cat(self._in_chunks(run, len(pixels), lambda s: backbone.encode(pixels[s]).float()))
+            x0 = torch.cat(run.in_chunks(len(pixels), lambda s: backbone.encode(pixels[s]).float()))
             if run.store is not None:
                 namespace, description = self._x0_namespace(backbone)
-                extra.append((namespace, description, np.arange(len(batch.rows)), x0.reshape(len(x0), -1)))
+                result.extra.append(ExtraRows(namespace, description, np.arange(len(batch.rows)),
+                                              x0.reshape(len(x0), -1)))
         else:
             x0 = data.float()
         # One noise per sample and draw, reused at every timestep (common random numbers).
-        words = self._seed_words(run, batch.rows, device)
+        words = run.seed_words(batch.rows, run.device)
         noises = [normals(sample_seeds(words, self.random_state, d), backbone.latent_shape)
                   for d in range(self.n_noise_draws)]
-        label = self._label(backbone)
         need = run.missing[batch.rows]
-        features = {}
         for ti, t in plan:
             local = np.flatnonzero(need[:, ti])
-            index = torch.from_numpy(local).to(device)
+            result.features[ti] = self._features_at(run, backbone, x0, noises, local, t)
+        return result
 
-            def one_pass(part, t=t, index=index):
-                rows = index[part]
-                steps = torch.full((len(rows),), t, dtype=torch.long, device=device)
-                labels = torch.full((len(rows),), label, dtype=torch.long, device=device)
-                pooled = {}
-                for noise in noises:
-                    x_t = backbone.add_noise(x0[rows], noise[rows], steps)
-                    taps = backbone.hidden_states(x_t, steps, labels, blocks=run.computed_blocks)
-                    for b, hidden in taps.items():
-                        feature = pool_tokens(hidden, self.pooling)
-                        pooled[b] = feature if b not in pooled else pooled[b] + feature
-                return {b: f / len(noises) for b, f in pooled.items()}
+    def _features_at(self, run, backbone, x0, noises, local, t) -> TimestepFeatures:
+        """Pooled features of the batch rows ``local`` at timestep ``t``, averaged over the noise draws."""
+        device = run.device
+        index = torch.from_numpy(local).to(device)
+        label = self._label(backbone)
 
-            parts = self._in_chunks(run, len(local), one_pass)
-            features[ti] = (local, {b: torch.cat([p[b] for p in parts]) for b in run.computed_blocks})
-        return {"features": features, "extra": extra}
+        def one_pass(part):
+            rows = index[part]
+            steps = torch.full((len(rows),), t, dtype=torch.long, device=device)
+            labels = torch.full((len(rows),), label, dtype=torch.long, device=device)
+            pooled = {}
+            for noise in noises:
+                x_t = backbone.add_noise(x0[rows], noise[rows], steps)
+                taps = backbone.hidden_states(x_t, steps, labels, blocks=run.computed_blocks)
+                for b, hidden in taps.items():
+                    feature = pool_tokens(hidden, self.pooling)
+                    pooled[b] = feature if b not in pooled else pooled[b] + feature
+            return {b: f / len(noises) for b, f in pooled.items()}
+
+        parts = run.in_chunks(len(local), one_pass)
+        return TimestepFeatures(local, {b: torch.cat([p[b] for p in parts]) for b in run.computed_blocks})

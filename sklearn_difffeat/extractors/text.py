@@ -12,8 +12,12 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..backbones.text import is_text_backbone, load_text_backbone, loglinear_sigma
-from ._base import KEY_BYTES, BaseDiffusionFeatureExtractor, Batch, as_list, pool_tokens, prefetch, single_column
+from ..store import KEY_LENGTH
+from ._base import BaseDiffusionFeatureExtractor
+from ._engine import Batch, BatchResult, TimestepFeatures, pool_tokens
+from ._inputs import as_list, single_column
 from ._noise import key_words, sample_seeds, uniforms
+from ._runtime import prefetch
 
 
 class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
@@ -223,41 +227,46 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
 
     # ---- computation ----------------------------------------------------------------------------------
     def _compute(self, run, backbone, batch, plan):
-        device = run.device
-        ids, special, lengths = (t.to(device, non_blocking=True) for t in batch.payload)
-        lengths_host = batch.payload[2]
-        words = self._seed_words(run, batch.rows, device)
+        ids, special, lengths = (t.to(run.device, non_blocking=True) for t in batch.payload)
+        tokens = (ids, special, lengths, batch.payload[2])
+        words = run.seed_words(batch.rows, run.device)
         need = run.missing[batch.rows]
-        features = {}
+        result = BatchResult()
         for ti, t in plan:
             local = np.flatnonzero(need[:, ti])
-            index = torch.from_numpy(local).to(device)
+            result.features[ti] = self._features_at(run, backbone, tokens, words, local, t)
+        return result
 
-            def one_pass(part, t=t, index=index, local=local):
-                rows = index[part]
-                width = int(lengths_host[local[part]].max())  # no padding beyond this chunk's longest text
-                chunk_ids, chunk_special, chunk_lengths = ids[rows, :width], special[rows, :width], lengths[rows]
-                uniform = bool((lengths_host[local[part]] == width).all())
-                attention = None if uniform else (
-                    torch.arange(width, device=device)[None, :] < chunk_lengths[:, None]).long()
-                sigma = (loglinear_sigma(torch.full((len(rows),), t)).to(device)
-                         if backbone.time_conditioned else None)
-                draws = self.n_noise_draws if t > 0 else 1  # no noise: every draw would be the same pass
-                pooled = {}
-                for draw in range(draws):
-                    noisy = chunk_ids
-                    if t > 0:
-                        masked = self._masks(chunk_special, chunk_lengths, words[rows], t, draw)
-                        noisy = chunk_ids.masked_fill(masked, backbone.mask_token_id)
-                    taps = backbone.hidden_states(noisy, attention, sigma, run.computed_blocks)
-                    for b, hidden in taps.items():
-                        feature = pool_tokens(hidden, self.pooling, attention)
-                        pooled[b] = feature if b not in pooled else pooled[b] + feature
-                return {b: f / draws for b, f in pooled.items()}
+    def _features_at(self, run, backbone, tokens, words, local, t) -> TimestepFeatures:
+        """Pooled features of the batch rows ``local`` at noise level ``t``, averaged over the mask draws."""
+        device = run.device
+        ids, special, lengths, lengths_host = tokens
+        index = torch.from_numpy(local).to(device)
 
-            parts = self._in_chunks(run, len(local), one_pass)
-            features[ti] = (local, {b: torch.cat([p[b] for p in parts]) for b in run.computed_blocks})
-        return {"features": features}
+        def one_pass(part):
+            rows = index[part]
+            width = int(lengths_host[local[part]].max())  # no padding beyond this chunk's longest text
+            chunk_ids, chunk_special, chunk_lengths = ids[rows, :width], special[rows, :width], lengths[rows]
+            uniform = bool((lengths_host[local[part]] == width).all())
+            attention = None if uniform else (
+                torch.arange(width, device=device)[None, :] < chunk_lengths[:, None]).long()
+            sigma = (loglinear_sigma(torch.full((len(rows),), t)).to(device)
+                     if backbone.time_conditioned else None)
+            draws = self.n_noise_draws if t > 0 else 1  # no noise: every draw would be the same pass
+            pooled = {}
+            for draw in range(draws):
+                noisy = chunk_ids
+                if t > 0:
+                    masked = self._masks(chunk_special, chunk_lengths, words[rows], t, draw)
+                    noisy = chunk_ids.masked_fill(masked, backbone.mask_token_id)
+                taps = backbone.hidden_states(noisy, attention, sigma, run.computed_blocks)
+                for b, hidden in taps.items():
+                    feature = pool_tokens(hidden, self.pooling, attention)
+                    pooled[b] = feature if b not in pooled else pooled[b] + feature
+            return {b: f / draws for b, f in pooled.items()}
+
+        parts = run.in_chunks(len(local), one_pass)
+        return TimestepFeatures(local, {b: torch.cat([p[b] for p in parts]) for b in run.computed_blocks})
 
 
 class TextSamples:
@@ -270,9 +279,9 @@ class TextSamples:
         return len(self.texts)
 
     def keys(self, workers, errors=None):  # texts are validated up front: nothing left to fail here
-        keys = np.empty(len(self.texts), dtype=f"S{2 * KEY_BYTES}")
+        keys = np.empty(len(self.texts), dtype=f"S{KEY_LENGTH}")
         for i, text in enumerate(self.texts):
-            keys[i] = hashlib.sha256(b"text:" + text.encode("utf-8")).hexdigest()[: 2 * KEY_BYTES].encode()
+            keys[i] = hashlib.sha256(b"text:" + text.encode("utf-8")).hexdigest()[:KEY_LENGTH].encode()
         return keys
 
 

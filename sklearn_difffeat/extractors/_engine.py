@@ -1,0 +1,349 @@
+"""One ``transform`` call, run as a stream: what the image and text extractors share beyond their estimator API.
+
+An extractor says how to key its input, how to turn samples into batches and how to compute pooled features for
+a batch (:class:`BatchResult`). A :class:`TransformRun` does the rest:
+
+1. key every sample by its content (done by the extractor, in parallel, without decoding) and fold identical
+   samples together;
+2. serve what the feature store already holds, per (block, timestep);
+3. stream the rest through the extractor's batches (decoded in worker processes, or read from the store),
+   computing every missing timestep of a batch while its clean input is at hand;
+4. copy results back asynchronously, so the device computes batch k + 1 while the host stores batch k, and
+   append them to the store segment by segment, so an interrupted run keeps what it finished.
+
+Host memory stays bounded by the batch size and the prefetch depth; only the keys and the output grow with n.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..store import FeatureStore, StoreWriteError
+from ._noise import key_words
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Which features an extractor's parameters produce, in which column order, and where they are stored.
+
+    Columns run block by block (in ``blocks`` order), then timestep by timestep (in ``timesteps`` order), each
+    (block, timestep) pair a run of ``width`` columns.
+
+    Attributes
+    ----------
+    blocks : tuple of int
+        Resolved block indices (in ``[0, n_blocks]``).
+    timesteps : tuple of int or float
+        The timesteps, as validated for the model.
+    width : int
+        Columns of one (block, timestep) feature.
+    namespaces : dict
+        ``{(block, timestep): name}`` of the feature store namespace that holds that feature.
+    descriptions : dict
+        ``{namespace name: description}``: everything besides the sample that determines the stored feature.
+    prefix : str
+        The extractor's feature-name prefix (``"dit"``, ``"text"``).
+    feature_names : ndarray of str objects
+        Column names like ``dit_b12_t500_0``: prefix, block, timestep, index within the feature.
+    n_features : int
+        Number of columns.
+    """
+
+    blocks: tuple
+    timesteps: tuple
+    width: int
+    namespaces: dict
+    descriptions: dict
+    prefix: str
+
+    @property
+    def n_features(self) -> int:
+        return len(self.blocks) * len(self.timesteps) * self.width
+
+    @property
+    def feature_names(self) -> np.ndarray:
+        return np.asarray([f"{self.prefix}_b{b}_t{t:g}_{j}" for b in self.blocks for t in self.timesteps
+                           for j in range(self.width)], dtype=object)
+
+
+@dataclass
+class TransformReport:
+    """What a transform did with each input.
+
+    Attributes
+    ----------
+    keys : ndarray of shape (n_samples,)
+        Content key of each input (32 hex characters as bytes), in input order: the store's key of its features.
+    computed : int
+        Distinct samples that needed the model.
+    stored : int
+        Distinct samples the feature store served alone.
+    failed : dict
+        ``{input position: message}`` for inputs that could not be read (their feature rows are NaN).
+    """
+
+    keys: np.ndarray
+    computed: int = 0
+    stored: int = 0
+    failed: dict = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """A batch of distinct samples on its way to the device: ``rows`` index the run's distinct samples."""
+
+    rows: np.ndarray
+    payload: object  # the extractor's input: pixels, latents, token ids ...
+
+
+@dataclass
+class TimestepFeatures:
+    """Features of one timestep for some rows of a batch: ``local`` indexes ``Batch.rows``; ``blocks`` maps each
+    computed block to a (len(local), width) tensor."""
+
+    local: np.ndarray
+    blocks: dict
+
+
+@dataclass
+class ExtraRows:
+    """Rows to store besides features (e.g. clean latents): ``values`` (len(local), w) for ``Batch.rows[local]``."""
+
+    namespace: str
+    description: dict
+    local: np.ndarray
+    values: torch.Tensor
+
+
+@dataclass
+class BatchResult:
+    """What an extractor computes for a batch: ``features`` by timestep index, and extra rows to store."""
+
+    features: dict = field(default_factory=dict)  # timestep index -> TimestepFeatures
+    extra: list = field(default_factory=list)  # ExtraRows
+
+
+def pool_tokens(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool (B, N, D) token states to (B, D) ("mean", "max", "first") or (B, N*D) ("none"), in float32.
+
+    ``mask`` (B, N) marks real tokens; padding never enters a mean or max.
+    """
+    hidden = hidden.float()
+    if pooling == "first":
+        return hidden[:, 0]
+    if pooling == "none":
+        return hidden.reshape(hidden.shape[0], -1)
+    if mask is None:
+        return hidden.mean(dim=1) if pooling == "mean" else hidden.amax(dim=1)
+    mask = mask.to(hidden.device, torch.bool).unsqueeze(-1)
+    if pooling == "mean":
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return hidden.masked_fill(~mask, float("-inf")).amax(dim=1)
+
+
+def read_stored_into(layout: FeatureLayout, store: FeatureStore, keys, out: np.ndarray, rows: np.ndarray,
+                     blocks=None) -> np.ndarray:
+    """Copy the stored features of ``keys`` into ``out[rows[i], block index, timestep index]``.
+
+    ``blocks`` (default: the layout's) must be among the layout's blocks and sets ``out``'s block axis. Returns
+    (len(keys), n_timesteps) booleans: every block of that timestep was found.
+    """
+    blocks = layout.blocks if blocks is None else blocks
+    complete = np.ones((len(keys), len(layout.timesteps)), dtype=bool)
+    for ti, t in enumerate(layout.timesteps):
+        for bi, b in enumerate(blocks):
+            values, found = store.read(layout.namespaces[b, t], keys, layout.width)
+            out[rows[found], bi, ti] = values[found]
+            complete[:, ti] &= found
+    return complete
+
+
+class TransformRun:
+    """State and steps of one ``transform`` call. Build it with :meth:`plan`, then :meth:`execute` it.
+
+    ``keys`` (U,) are the distinct samples' keys, in order of first appearance; ``first`` (U,) their first input
+    position; ``inverse`` (n,) the distinct row of each input position; ``missing`` (U, T) which (sample,
+    timestep) features still need computing; ``todo`` the distinct rows with anything missing when planned.
+    """
+
+    def __init__(self, keys, first, inverse, blocks, layout, store, rows_per_pass, device, on_error):
+        self.keys, self.first, self.inverse = keys, first, inverse
+        self.blocks = blocks  # requested blocks: the output's block axis
+        self.layout = layout  # layout of the blocks each pass computes (and stores)
+        self.store = store
+        self.rows_per_pass = rows_per_pass
+        self.device = device
+        self.on_error = on_error
+        self.missing = np.ones((len(keys), len(layout.timesteps)), dtype=bool)
+        self.out = np.empty((len(inverse), len(blocks), len(layout.timesteps), layout.width), dtype=np.float32)
+        self.writers: dict = {}
+        self.failures: dict = {}  # distinct row -> message
+        self.store_failed = False
+        self.todo = np.empty(0, dtype=np.int64)
+
+    @property
+    def timesteps(self) -> tuple:
+        return self.layout.timesteps
+
+    @property
+    def computed_blocks(self) -> tuple:
+        return self.layout.blocks
+
+    @classmethod
+    def plan(cls, keys, blocks, layout: FeatureLayout, store: FeatureStore | None, rows_per_pass: int,
+             device: torch.device, on_error: str = "raise", unreadable: dict | None = None) -> TransformRun:
+        """Fold duplicate ``keys`` (one per input), and read what the store already holds.
+
+        ``unreadable`` ({input position: message}) lists inputs that could not even be keyed.
+        """
+        unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first)  # work in input order: progress and resumption follow the data
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        unique, first, inverse = unique[order], first[order], rank[inverse.reshape(-1)]
+        run = cls(unique, first, inverse, list(blocks), layout, store, rows_per_pass, device, on_error)
+        if store is not None:
+            run.missing = ~read_stored_into(layout, store, unique, run.out, first, blocks)
+        for position, message in (unreadable or {}).items():
+            run.fail(int(inverse[position]), message)
+        run.todo = np.flatnonzero(run.missing.any(axis=1))
+        return run
+
+    def execute(self, batches, compute, desc: str, verbose) -> tuple[np.ndarray, TransformReport]:
+        """Stream ``batches`` (:class:`Batch` es covering ``todo``) through ``compute(batch, plan)``, where
+        ``plan`` lists the ``(timestep index, timestep)`` pairs the batch misses; return the features and the
+        report."""
+        total = int(self.missing.sum())
+        progress = tqdm(total=total, disable=not verbose or total == 0, desc=desc, unit="sample")
+        try:
+            with progress, torch.inference_mode():
+                self.stream(batches, compute, progress)
+        finally:
+            self.close_writers()
+        return self.finish(), self.report()
+
+    def stream(self, batches, compute, progress):
+        pending: deque = deque()
+        for batch in batches:
+            need = self.missing[batch.rows]
+            plan = [(ti, t) for ti, t in enumerate(self.timesteps) if need[:, ti].any()]
+            pending.append(self.to_host(batch, compute(batch, plan)))
+            if len(pending) > 1:  # the device already works on this batch while the host stores the last one
+                self.store_results(pending.popleft(), progress)
+        while pending:
+            self.store_results(pending.popleft(), progress)
+
+    def to_host(self, batch: Batch, result: BatchResult):
+        """Start copying a batch's results to the host without waiting for the device."""
+        copies = {}
+        for ti, features in result.features.items():
+            blocks = sorted(features.blocks)
+            stacked = torch.stack([features.blocks[b] for b in blocks], dim=1).float()
+            copies[ti] = (features.local, blocks, stacked.to("cpu", non_blocking=True))
+        extra = [replace(rows, values=rows.values.float().to("cpu", non_blocking=True)) for rows in result.extra]
+        event = None
+        if self.device.type == "cuda":  # the copies are queued behind the batch's kernels; wait for them later
+            event = torch.cuda.Event()
+            event.record()
+        return batch, copies, extra, event
+
+    def store_results(self, item, progress):
+        batch, copies, extra, event = item
+        if event is not None:
+            event.synchronize()
+        for rows in extra:
+            self.write(rows.namespace, rows.description, self.keys[batch.rows[rows.local]], rows.values.numpy())
+        for ti, (local, computed, values) in copies.items():
+            values = values.numpy()
+            rows = batch.rows[local]
+            t = self.timesteps[ti]
+            for bi, b in enumerate(self.blocks):
+                self.out[self.first[rows], bi, ti] = values[:, computed.index(b)]
+            for j, b in enumerate(computed):
+                namespace = self.layout.namespaces[b, t]
+                self.write(namespace, self.layout.descriptions[namespace], self.keys[rows], values[:, j])
+            self.missing[rows, ti] = False
+            progress.update(len(rows))
+
+    def write(self, namespace, description, keys, values):
+        if self.store is None or self.store_failed:
+            return
+        writer = self.writers.get(namespace)
+        if writer is None:
+            writer = self.writers[namespace] = self.store.writer(namespace, values.shape[1], description)
+        try:
+            writer.add(keys, values)
+        except StoreWriteError as exc:
+            self.store_unwritable(exc)
+
+    def close_writers(self):
+        for writer in self.writers.values():
+            if self.store_failed:
+                break
+            try:
+                writer.flush()
+            except StoreWriteError as exc:
+                self.store_unwritable(exc)
+
+    def store_unwritable(self, exc):
+        self.store_failed = True
+        warnings.warn(f"{exc}. Features are computed and returned, but nothing is stored in the cache for the "
+                      "rest of this call.", RuntimeWarning, stacklevel=5)
+
+    def finish(self) -> np.ndarray:
+        n = len(self.out)
+        canonical = self.first[self.inverse]
+        duplicates = np.flatnonzero(canonical != np.arange(n))
+        if len(duplicates):  # identical samples were computed once: copy them to their other positions
+            self.out[duplicates] = self.out[canonical[duplicates]]
+        if self.failures:
+            self.out[np.isin(self.inverse, list(self.failures))] = np.nan
+        return self.out.reshape(n, -1)
+
+    def report(self) -> TransformReport:
+        failed_rows = np.array(sorted(self.failures), dtype=np.int64)
+        failed_positions = np.flatnonzero(np.isin(self.inverse, failed_rows))
+        # A sample that failed while its batch was read was planned for computing; one that could not even be
+        # keyed was not: neither counts as computed, nor as stored.
+        failed_planned = int(np.isin(failed_rows, self.todo).sum())
+        return TransformReport(
+            keys=self.keys[self.inverse],
+            computed=len(self.todo) - failed_planned,
+            stored=len(self.keys) - len(self.todo) - (len(failed_rows) - failed_planned),
+            failed={int(p): self.failures[self.inverse[p]] for p in failed_positions},
+        )
+
+    def fail(self, row: int, message: str):
+        """A sample that cannot be read: raise, or (``on_error="record"``) record it and go on."""
+        if self.on_error != "record":
+            raise ValueError(message)
+        self.failures[row] = message
+        self.missing[row] = False
+
+    def in_chunks(self, n: int, compute):
+        """Call ``compute(slice)`` over row chunks of at most ``rows_per_pass``, halving it on CUDA out-of-memory
+        (the chunk is retried; the smaller size is kept for the rest of the call)."""
+        outputs, start = [], 0
+        while start < n:
+            stop = min(n, start + self.rows_per_pass)
+            try:
+                outputs.append(compute(slice(start, stop)))
+            except torch.OutOfMemoryError:
+                if self.rows_per_pass == 1:
+                    raise
+                self.rows_per_pass //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start = stop
+        return outputs
+
+    def seed_words(self, rows: np.ndarray, device) -> torch.Tensor:
+        """The key words (noise seeds) of distinct ``rows``, on ``device``."""
+        return key_words(self.keys[rows]).to(device)
