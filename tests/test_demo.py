@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn_difffeat import DiTFeatureExtractor, TextDiffusionFeatureExtractor
 from sklearn_difffeat.backbones._hub import EMBEDDED_DIR, embedded_models
 from sklearn_difffeat.datasets import load_fashion_mosaics
-from sklearn_difffeat.extractors import _base
+from sklearn_difffeat.extractors import clear_backbone_cache
 from sklearn_difffeat.metrics import multilabel_report
 
 
@@ -33,7 +33,7 @@ def test_embedded_models_are_listed():
 ])
 def test_embedded_models_load_by_name_like_a_folder_and_are_deterministic(mosaics, cls, name, column, params):
     by_name = cls(f"embedded:{name}", **params).fit(None).transform(mosaics[column])
-    _base.clear_backbone_cache()  # a fresh load, as in another process
+    clear_backbone_cache()  # a fresh load, as in another process
     again = cls(f"embedded:{name}", **params).fit(None).transform(mosaics[column])
     by_path = cls(str(EMBEDDED_DIR / name), **params).fit(None).transform(mosaics[column])
     np.testing.assert_array_equal(by_name, again)
@@ -249,7 +249,7 @@ def test_demo_counts_long_captions_without_the_tokenizers_warning():
 
     # Held-out caption 183 (random_state=0) is the split's one caption over the text model's 64 tokens.
     texts = load_fashion_mosaics(184, split="test", random_state=0).data["text"].tolist()[180:]
-    _base.clear_backbone_cache()  # a fresh tokenizer: transformers warns once per tokenizer
+    clear_backbone_cache()  # a fresh tokenizer: transformers warns once per tokenizer
     backbone = TextDiffusionFeatureExtractor("embedded:fashion-mdlm").get_backbone()
     # Caught on transformers' own logger, wherever its handler writes, at its default level.
     records = []

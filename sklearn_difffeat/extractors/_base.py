@@ -18,7 +18,6 @@ from ..backbones.base import resolve_blocks
 from ..store import FeatureStore, stable_hash
 from ._engine import Batch, BatchResult, FeatureLayout, TransformRun, read_stored_into
 from ._runtime import cached_backbone, default_workers, open_store, resolve_device, resolve_dtype
-from ._runtime import clear_backbone_cache as clear_backbone_cache  # still importable from its former place
 
 
 class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
