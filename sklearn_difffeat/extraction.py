@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import clone
 
-from .extractors import BaseDiffusionFeatureExtractor, TransformReport, open_store
+from .extractors import BaseDiffusionFeatureExtractor, DiTFeatureExtractor, TransformReport, open_store
+from .manifest import ManifestWriter, default_manifest_path
 from .store import KEY_LENGTH, FeatureStore
 
-__all__ = ["ExtractionResult", "extract"]
+__all__ = ["ExtractionResult", "extract", "shard_ids"]
 
 
 @dataclass
@@ -33,6 +35,8 @@ class ExtractionResult:
     keys : (n,) array of the inputs' content keys, in input order.
     computed, already_stored : numbers of samples that needed the model, and that the store already held.
     failed : {input position: reason} for inputs that could not be read (their feature rows are NaN).
+    manifest : Path or None
+        The manifest of the run (each input's id, key and status; see :meth:`export`), or None without one.
     """
 
     extractor: BaseDiffusionFeatureExtractor
@@ -41,11 +45,24 @@ class ExtractionResult:
     computed: int = 0
     already_stored: int = 0
     failed: dict = field(default_factory=dict)
+    manifest: Path | None = None
 
     def features(self) -> np.ndarray:
         """(n, n_features) float32, in input order, read from the store (NaN rows for failed inputs); see
         :meth:`~sklearn_difffeat.DiTFeatureExtractor.read_stored`."""
         return self.extractor.read_stored(self.keys, self.store)
+
+    def export(self, path, blocks=None, timesteps=None, *, chunk_rows=None) -> list[Path]:
+        """Write the features in input order, with each input's id, to ``path`` (``.npy`` plus
+        ``<stem>.ids.parquet``, or one ``.parquet``), reading the store in chunks; see
+        :func:`sklearn_difffeat.export.export_features`. ``blocks`` / ``timesteps`` choose a subset of what was
+        extracted. Returns the files written."""
+        from .export import export_features
+
+        if self.manifest is None:
+            raise ValueError("This extraction ran with manifest=False: there is no manifest to export from.")
+        return export_features(self.manifest, path, self.store.directory, blocks=blocks, timesteps=timesteps,
+                               extractor=self.extractor, chunk_rows=chunk_rows)
 
     def summary(self) -> str:
         return (f"{self.computed} samples computed, {self.already_stored} already stored, {len(self.failed)} "
@@ -53,7 +70,7 @@ class ExtractionResult:
 
 
 def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 2048, progress: bool = True,
-            retries: int = 2) -> ExtractionResult:
+            retries: int = 2, manifest=None) -> ExtractionResult:
     """Extract features of ``inputs`` into a feature store, shard by shard.
 
     Parameters
@@ -75,6 +92,10 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
         A progress bar over samples.
     retries : int, default=2
         Dask retries of a task that raised (a lost worker's tasks are rescheduled by Dask in any case).
+    manifest : path-like, None or False, default=None
+        Where to write the manifest (a parquet table: each input's id, position, content key and status, and the
+        extractor's parameters; see :mod:`sklearn_difffeat.manifest`). None: ``<store>/manifests/extract-<UTC
+        time>.parquet``; False: none.
 
     Returns
     -------
@@ -102,28 +123,49 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
     keys = np.empty(n, dtype=f"S{KEY_LENGTH}")
     result = ExtractionResult(extractor=extractor, store=open_store(folder), keys=keys)
     bar = tqdm(total=n, disable=not progress, desc="extract", unit="sample")
+    paths = isinstance(extractor, DiTFeatureExtractor)  # image inputs given as strings are paths; texts are not
     with bar:
+        if client is not None and not isinstance(extractor.model, (str, os.PathLike)):
+            raise ValueError("On a Dask cluster the model must be a hub id, a folder or 'embedded:NAME', so "
+                             "that each worker loads it; modules in memory would travel in every task.")
+        extractor.fit()  # check the parameters here, before any shard runs
+        writer = _manifest_writer(manifest, extractor, folder, n)
         if client is None:
-            extractor.fit()
             for start, stop in shards:
-                _collect(result, start, _run_shard(extractor, _slice(inputs, start, stop)), bar)
+                report = _run_shard(extractor, _slice(inputs, start, stop))
+                _collect(result, start, report, bar, writer, shard_ids(inputs, start, stop, paths=paths))
         else:
-            if not isinstance(extractor.model, (str, os.PathLike)):
-                raise ValueError("On a Dask cluster the model must be a hub id, a folder or 'embedded:NAME', so "
-                                 "that each worker loads it; modules in memory would travel in every task.")
             from dask.distributed import as_completed
 
-            extractor.fit()  # check the parameters here, before any task is sent
             futures = {
                 client.submit(_run_shard, extractor, _slice(inputs, start, stop), pure=False, retries=retries,
-                              key=f"difffeat-shard-{start}-{os.urandom(4).hex()}"): start
+                              key=f"difffeat-shard-{start}-{os.urandom(4).hex()}"): (start, stop)
                 for start, stop in shards
             }
             for future in as_completed(futures):
-                _collect(result, futures[future], future.result(), bar)
+                start, stop = futures[future]
+                _collect(result, start, future.result(), bar, writer, shard_ids(inputs, start, stop, paths=paths))
                 future.release()
+        result.manifest = writer.finish() if writer is not None else None
     bar.set_postfix_str(result.summary())
     return result
+
+
+def shard_ids(inputs, start: int, stop: int, *, paths: bool = True) -> list[str]:
+    """The manifest ids of ``inputs[start:stop]``: a file input's path (when ``paths``: strings are file paths,
+    not texts), else the input's position."""
+    items = _slice(inputs, start, stop)
+    if hasattr(items, "iloc"):  # a Series, or a one-column DataFrame
+        items = (items.iloc[:, 0] if items.ndim == 2 else items).to_numpy()
+    return [os.fspath(item) if paths and isinstance(item, (str, os.PathLike)) else str(start + i)
+            for i, item in enumerate(items)]
+
+
+def _manifest_writer(manifest, extractor, store, n: int) -> ManifestWriter | None:
+    if manifest is False:
+        return None
+    path = default_manifest_path(store) if manifest is None else Path(manifest)
+    return ManifestWriter(path, extractor, store, n)
 
 
 def _slice(inputs, start, stop):
@@ -146,10 +188,12 @@ def _run_shard(extractor, inputs) -> TransformReport:
     return report
 
 
-def _collect(result: ExtractionResult, start: int, report: TransformReport, bar) -> None:
+def _collect(result: ExtractionResult, start: int, report: TransformReport, bar, manifest=None, ids=()) -> None:
     stop = start + len(report.keys)
     result.keys[start:stop] = report.keys
     result.computed += report.computed
     result.already_stored += report.stored
     result.failed.update({start + p: message for p, message in report.failed.items()})
+    if manifest is not None:
+        manifest.add(start, ids, report)
     bar.update(stop - start)
