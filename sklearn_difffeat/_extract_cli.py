@@ -62,7 +62,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--manifest", type=Path, default=None,
                    help="where to write the manifest: each input's id (path or row), content key and status, and "
                         "the extractor's parameters, as parquet, for `sklearn-difffeat export` "
-                        "(default: <store>/manifests/<input name>-<UTC time>.parquet)")
+                        "(default: <store>/.manifests/<input name>-<UTC time>.parquet)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; the summary is still printed")
 
 

@@ -94,7 +94,7 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
         Dask retries of a task that raised (a lost worker's tasks are rescheduled by Dask in any case).
     manifest : path-like, None or False, default=None
         Where to write the manifest (a parquet table: each input's id, position, content key and status, and the
-        extractor's parameters; see :mod:`sklearn_difffeat.manifest`). None: ``<store>/manifests/extract-<UTC
+        extractor's parameters; see :mod:`sklearn_difffeat.manifest`). None: ``<store>/.manifests/extract-<UTC
         time>.parquet``; False: none.
 
     Returns

@@ -38,8 +38,8 @@ MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("position", pa.int64()), ("ke
 
 
 def default_manifest_path(store, name: str = "extract") -> Path:
-    """``<store>/manifests/<name>-<UTC time>.parquet``, made unique with a counter if that name is taken."""
-    folder = Path(store) / "manifests"
+    """``<store>/.manifests/<name>-<UTC time>.parquet``, made unique with a counter if that name is taken."""
+    folder = Path(store) / ".manifests"  # a hidden folder: the store takes every other folder for a namespace
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path, count = folder / f"{name}-{stamp}.parquet", 1
     while path.exists() or _parts_folder(path).exists():

@@ -98,7 +98,7 @@ def test_manifest_lists_every_input_in_order_with_status(model_dir, tmp_path):
     assert set(table["key"].dropna()) == {k.decode() for k in stored}
     # a rerun computes nothing: every readable input is "stored"; the default path is under the store
     again = extract(ext, paths[::-1], store, shard_size=3, progress=False)
-    assert again.manifest.parent == store / "manifests" and again.manifest.name.startswith("extract-")
+    assert again.manifest.parent == store / ".manifests" and again.manifest.name.startswith("extract-")
     table = manifest_frame(again.manifest)
     assert list(table["id"]) == paths[::-1]
     assert list(table["status"]) == ["stored"] * 5 + ["failed"] + ["stored"] * 5
@@ -107,6 +107,7 @@ def test_manifest_lists_every_input_in_order_with_status(model_dir, tmp_path):
     assert info["params"]["block"] == [1, -1] and info["dtype"] == "float32" and info["library_version"]
     assert info["counts"] == {"computed": 0, "stored": 10, "failed": 1}
     assert extract(ext, paths, store, progress=False, manifest=False).manifest is None
+    assert {FeatureStore(store).count(name) for name in FeatureStore(store).namespaces()} == {9}  # no manifests
 
 
 def test_text_manifest_ids_are_positions(tmp_path):
