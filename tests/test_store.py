@@ -160,7 +160,8 @@ def test_clear_and_pickle(tmp_path):
     store.write("a", keys(0), rows(0))
     store.write("b", keys(0), rows(0))
     clone = pickle.loads(pickle.dumps(store))
-    assert clone.directory == store.directory and clone.settings["segment_rows"] == 7
+    assert clone.directory == store.directory and clone.settings["segment_rows"] == 7 and clone.durable
+    assert not pickle.loads(pickle.dumps(FeatureStore(tmp_path / "s", durable=False))).durable
     store.clear("a")
     assert set(store.namespaces()) == {"b"}
     store.clear()

@@ -68,7 +68,7 @@ def namespace_problem(name: str) -> str | None:
     if not name:
         return "it is empty"
     if name.startswith("."):
-        return "it starts with '.' (names starting with '.' are the store's own, and '.' and '..' are no folders)"
+        return "it starts with '.' (such names are the store's own; '.' and '..' name the store and its parent)"
     for char, label in (("/", "'/'"), ("\\", "a backslash"), ("\0", "a NUL character")):
         if char in name:
             return f"it contains {label}"
@@ -88,7 +88,8 @@ def check_namespace(value, argument: str = "namespace") -> str:
     problem = namespace_problem(value)
     if problem is not None:
         raise ValueError(f"{argument}={value!r} is not a valid namespace name: {problem}. A namespace is one folder "
-                         "name inside the store: not empty, not starting with '.', without '/', backslash or NUL.")
+                         "name inside the store: not empty, not starting with '.', without '/', backslash, NUL or a "
+                         "drive ('C:').")
     return value
 
 
