@@ -25,7 +25,6 @@ from sklearn_difffeat import (
 
 from conftest import SKLEARN_CHECKS_WITHOUT_DATA
 
-
 # scikit-learn's checks feed the search NaN, infinite and object data on purpose. With error_score=nan it scores
 # the failing fits as NaN and says so: scikit-learn's FitFailedWarning and "Scoring failed", the search's own count
 # of non-finite candidates, and numpy's cast warning on NaN scores. Those are the behaviour under test, not noise.
