@@ -2,7 +2,8 @@
 
 Each check that is expected to fail is listed with its reason, and expected failures are strict
 (``xfail_strict`` in the pytest configuration): a listed check that starts passing fails the run, as does any
-unlisted check that fails, so both changes show.
+unlisted check that fails, so both changes show. The one exception is a check whose outcome depends on the
+platform's floating-point rounding (``PLATFORM_DEPENDENT``): it may pass, or fail as an expected failure.
 
 The extractors take images or texts, not numeric tables, and say so with the tag ``input_tags.two_d_array =
 False``, on which scikit-learn skips every check but ``check_estimator_cloneable``. So that the list of what
@@ -101,10 +102,7 @@ def _extractor_failures(takes):
 EXPECTED_FAILURES = {
     TabularDiTFeatureExtractor: _extractor_failures("images ((n, H, W[, C]) arrays, PIL images or file paths)"),
     TabularTextDiffusionFeatureExtractor: _extractor_failures("a 1-D sequence of texts"),
-    FusionClassifier: {
-        "check_methods_subset_invariance": "float32 matrix products differ in the last bits with the number of rows "
-        "scored at once (~1e-7), above the check's 1e-7 tolerance",
-    },
+    FusionClassifier: {},
     LogisticRegression: {},
     Ridge: {
         # BaseSearchCV copies the wrapped estimator's classifier and regressor tags but not target_tags, so a
@@ -124,9 +122,22 @@ def expected_failed_checks(estimator):
 ESTIMATORS = [FUSION, SEARCH_CLASSIFIER, SEARCH_REGRESSOR, DIT, TEXT]
 
 
+# Checks whose outcome depends on the BLAS library and CPU, so neither "passes" nor "fails" can be strict: float32
+# matrix products differ in the last bits with the number of rows scored at once (~1e-7 here, right at the check's
+# tolerance). Such a check passes or is reported as an expected failure, never an error.
+PLATFORM_DEPENDENT = {(FusionClassifier, "check_methods_subset_invariance")}
+
+
 @parametrize_with_checks(ESTIMATORS, expected_failed_checks=expected_failed_checks)
 def test_sklearn_compatible_estimator(estimator, check):
-    check(estimator)
+    name = getattr(check, "func", check).__name__
+    if (type(estimator), name) not in PLATFORM_DEPENDENT:
+        check(estimator)
+        return
+    try:
+        check(estimator)
+    except AssertionError as exc:
+        pytest.xfail(f"float32 rounding differs with the batch's row count on this platform: {exc}")
 
 
 def _check_names(estimator):
