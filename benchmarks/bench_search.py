@@ -94,13 +94,36 @@ def section_synthetic(args):
 # Section 2: the real image extractor (embedded DiT) on the embedded mosaics, each search on its own cache
 
 
-def section_extractors(args):
-    import tempfile
-
+def _image_pipeline(cache, cache_depth):
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
 
     from sklearn_difffeat import DiTFeatureExtractor, FusionClassifier
+
+    extractor = DiTFeatureExtractor(
+        "embedded:fashion-dit", block=1, timestep=0, cache=cache, cache_depth=cache_depth, batch_size=256
+    )
+    return Pipeline(
+        [
+            ("features", ColumnTransformer([("image", extractor, "image")])),
+            ("clf", FusionClassifier(lr=1e-3, max_epochs=30, early_stopping=5)),
+        ]
+    )
+
+
+def _count_images_through_the_dit():
+    """A counter of the images entering the embedded DiT's patch embedding (every search below shares it)."""
+    counted = {"images": 0}
+    backbone = _image_pipeline(None, None).named_steps["features"].transformers[0][1].get_backbone()
+    backbone.transformer.pos_embed.register_forward_hook(
+        lambda m, a, o: counted.__setitem__("images", counted["images"] + a[0].shape[0])
+    )
+    return counted
+
+
+def section_extractors(args):
+    import tempfile
+
     from sklearn_difffeat.datasets import load_fashion_mosaics
     from sklearn_difffeat.metrics import map_scorer
 
@@ -109,42 +132,22 @@ def section_extractors(args):
     grid = {"features__image__block": list(range(1, 9)), "features__image__timestep": [0, 50, 100, 200, 400, 700]}
     size = int(np.prod([len(v) for v in grid.values()]))
     cv = KFold(args.cv, shuffle=True, random_state=0)
-
-    def pipeline(cache, cache_depth):
-        extractor = DiTFeatureExtractor(
-            "embedded:fashion-dit", block=1, timestep=0, cache=cache, cache_depth=cache_depth, batch_size=256
-        )
-        return Pipeline(
-            [
-                ("features", ColumnTransformer([("image", extractor, "image")])),
-                ("clf", FusionClassifier(lr=1e-3, max_epochs=30, early_stopping=5)),
-            ]
-        )
-
-    counted = {"images": 0}
-    backbone = pipeline(None, None).named_steps["features"].transformers[0][1].get_backbone()
-    backbone.transformer.pos_embed.register_forward_hook(
-        lambda m, a, o: counted.__setitem__("images", counted["images"] + a[0].shape[0])
-    )
-
+    counted = _count_images_through_the_dit()
     print(
         f"\nembedded DiT (8 blocks) on {len(X)} Fashion-MNIST mosaics, FusionClassifier(2048), mAP, cv={args.cv}: "
         f"grid 8 blocks x 6 timesteps = {size} candidates"
     )
     print(f"  without a cache every candidate and fold would push {size * args.cv * len(X)} images through the DiT")
-    rows = []
-    for name, make in (
+    searches = (
         # GridSearchCV knows nothing of blocks: cache_depth=-1 makes each pass store every block.
-        (
-            "exhaustive grid",
-            lambda c: GridSearchCV(pipeline(c, -1), grid, cv=cv, scoring=map_scorer, n_jobs=args.n_jobs),
-        ),
+        ("exhaustive grid",
+         lambda c: GridSearchCV(_image_pipeline(c, -1), grid, cv=cv, scoring=map_scorer, n_jobs=args.n_jobs)),
         # The local search sets cache_depth itself for the block axis it climbs.
-        (
-            "local search",
-            lambda c: BlockTimestepSearchCV(pipeline(c, None), grid, cv=cv, n_jobs=args.n_jobs, random_state=0),
-        ),
-    ):
+        ("local search",
+         lambda c: BlockTimestepSearchCV(_image_pipeline(c, None), grid, cv=cv, n_jobs=args.n_jobs, random_state=0)),
+    )
+    rows = []
+    for name, make in searches:
         with tempfile.TemporaryDirectory() as cache:
             counted["images"] = 0
             search = make(cache)

@@ -109,7 +109,7 @@ class Grid:
         return self.test_map[self.chosen]
 
 
-def main():
+def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dit-model", default=str(resolve_model_dir("embedded:fashion-dit")),
                         help="DiT pipeline folder")
@@ -124,19 +124,11 @@ def main():
     args = parser.parse_args()
     if args.no_cv and not args.only:
         parser.error("--no-cv goes with --only (the summary reports CV-chosen cells)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    train = load_fashion_mosaics(args.n_train, split="train", random_state=0)
-    test = load_fashion_mosaics(args.n_test, split="test", random_state=0)
-    print(
-        f"linear probes (StandardScaler + one-vs-rest LogisticRegression), {args.n_train} train / {args.n_test} "
-        f"test mosaics (the demo's split), held-out macro mAP; mean-pooled features; (block, t) chosen by "
-        f"3-fold CV on the train split\nimage model: {args.dit_model}\ntext model: {args.text_model}\n"
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
-        flush=True,
-    )
+    return args
 
+
+def _probe_grids(args, train, test):
+    """{(kind, "trained" | "untrained"): Grid} over every (block, timestep) of each model probed."""
     kinds = [args.only] if args.only else ["image", "text"]
     grids = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,35 +153,35 @@ def main():
             print("\n" + grids[kind, which].table(f"{kind} model, {which}"), flush=True)
             if kind == "text":
                 print(token_norms(model, test.data["text"]), flush=True)
-    if args.only:
-        return
-    text_blocks = grids["text", "trained"].blocks
+    return grids
 
+
+def _baselines(args, train, test):
+    """Held-out probabilities of the raw-pixel and TF-IDF probes."""
     pixels = linear_probe(np.stack(train.data["image"]).reshape(args.n_train, -1) / 255.0, train.Y,
                           np.stack(test.data["image"]).reshape(args.n_test, -1) / 255.0, C_IMAGE)
     tfidf = TfidfVectorizer().fit(train.data["text"])
     text_baseline = linear_probe(tfidf.transform(train.data["text"]), train.Y, tfidf.transform(test.data["text"]),
                                  C_TEXT)
-    raw, tf = (100 * mean_average_precision(test.Y, p) for p in (pixels, text_baseline))
+    return pixels, text_baseline
 
-    def at(grid, cell):
-        return grid.test_map[cell]
 
+def _summary_rows(args, grids, train, test, raw, tf, text_baseline):
     image, text = grids["image", "trained"], grids["text", "trained"]
-    last = (text_blocks[-1], 0.0)
+    last = (text.blocks[-1], 0.0)
     rows = [
         ("raw pixels (56x56x3)", raw),
         ("TF-IDF on captions", tf),
         (f"DiT trained, CV-chosen (block {image.chosen[0]}, t {image.chosen[1]:g})", image.score),
         (f"text trained, CV-chosen (block {text.chosen[0]}, t {text.chosen[1]:g})", text.score),
-        ("text trained, last block, t 0", at(text, last)),
+        ("text trained, last block, t 0", text.test_map[last]),
     ]
     if not args.skip_untrained:
         image_u, text_u = grids["image", "untrained"], grids["text", "untrained"]
         rows += [
             (f"DiT untrained, CV-chosen (block {image_u.chosen[0]}, t {image_u.chosen[1]:g})", image_u.score),
             (f"text untrained, CV-chosen (block {text_u.chosen[0]}, t {text_u.chosen[1]:g})", text_u.score),
-            ("text untrained, last block, t 0", at(text_u, last)),
+            ("text untrained, last block, t 0", text_u.test_map[last]),
         ]
     # What the mean over positions loses: the same cell with every token kept, and with a max over positions.
     for pooling in ("none", "max"):
@@ -201,18 +193,45 @@ def main():
     rows.append(("late fusion: DiT and text (both CV-chosen)", 100 * mean_average_precision(test.Y, fused)))
     fused_tfidf = (image.proba[image.chosen] + text_baseline) / 2
     rows.append(("late fusion: DiT (CV-chosen) and TF-IDF", 100 * mean_average_precision(test.Y, fused_tfidf)))
-    print("\nsummary (held-out macro mAP)")
-    for name, value in rows:
-        print(f"  {name:<66s} {value:5.1f}")
+    return rows
 
+
+def _print_acceptance(args, grids, raw, tf):
+    image, text = grids["image", "trained"], grids["text", "trained"]
     print("\nacceptance")
     checks = [(f"DiT mean-pooled (CV-chosen) >= raw pixels + 3 ({raw + 3:.1f})", image.score, raw + 3),
               (f"text trained (CV-chosen) >= TF-IDF - 3 ({tf - 3:.1f})", text.score, tf - 3)]
     if not args.skip_untrained:
+        text_u = grids["text", "untrained"]
         checks.append((f"text trained (CV-chosen) >= text untrained (CV-chosen, {text_u.score:.1f})",
                        text.score, text_u.score))
     for name, value, bar in checks:
         print(f"  {name:<66s} {value:5.1f}  {'pass' if value >= bar else 'FAIL'}")
+
+
+def main():
+    args = _parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    train = load_fashion_mosaics(args.n_train, split="train", random_state=0)
+    test = load_fashion_mosaics(args.n_test, split="test", random_state=0)
+    print(
+        f"linear probes (StandardScaler + one-vs-rest LogisticRegression), {args.n_train} train / {args.n_test} "
+        f"test mosaics (the demo's split), held-out macro mAP; mean-pooled features; (block, t) chosen by "
+        f"3-fold CV on the train split\nimage model: {args.dit_model}\ntext model: {args.text_model}\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+        flush=True,
+    )
+    grids = _probe_grids(args, train, test)
+    if args.only:
+        return
+    pixels, text_baseline = _baselines(args, train, test)
+    raw, tf = (100 * mean_average_precision(test.Y, p) for p in (pixels, text_baseline))
+    print("\nsummary (held-out macro mAP)")
+    for name, value in _summary_rows(args, grids, train, test, raw, tf, text_baseline):
+        print(f"  {name:<66s} {value:5.1f}")
+    _print_acceptance(args, grids, raw, tf)
 
 
 if __name__ == "__main__":

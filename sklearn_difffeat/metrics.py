@@ -17,9 +17,13 @@ The scorers work for multi-label (2-D indicator y) and single-label (1-D y) esti
 encoded against ``estimator.classes_``.
 """
 
+from __future__ import annotations
+
 import warnings
+from collections.abc import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.metrics import average_precision_score
 
 __all__ = [
@@ -54,7 +58,7 @@ def _check_pair(Y_true, Y_score):
     return Y_true.astype(np.int64), Y_score
 
 
-def mean_average_precision(Y_true, Y_score):
+def mean_average_precision(Y_true: ArrayLike, Y_score: ArrayLike) -> float:
     """Mean over classes of average precision; classes without a positive sample are left out.
 
     Parameters
@@ -65,6 +69,17 @@ def mean_average_precision(Y_true, Y_score):
     Returns
     -------
     float in [0, 1]; NaN (with a warning) when no class has a positive sample.
+
+    Examples
+    --------
+    Class 0 ranks its samples positive, negative, positive: its AP averages the precision at each positive,
+    (1/1 + 2/3) / 2 = 5/6. Class 1 ranks both positives first: AP = 1. mAP = (5/6 + 1) / 2 = 11/12.
+
+    >>> from sklearn_difffeat.metrics import mean_average_precision
+    >>> Y_true = [[1, 0], [0, 1], [1, 1]]
+    >>> Y_score = [[0.9, 0.2], [0.8, 0.4], [0.3, 0.6]]
+    >>> round(mean_average_precision(Y_true, Y_score), 4)
+    0.9167
     """
     Y_true, Y_score = _check_pair(Y_true, Y_score)
     has_pos = Y_true.sum(axis=0) > 0
@@ -115,7 +130,14 @@ def _top_k_mask(Y_score, k):
     return mask
 
 
-def multilabel_report(Y_true, Y_score, threshold=0.5, top_k=3, *, top_k_threshold=True):
+def multilabel_report(
+    Y_true: ArrayLike,
+    Y_score: ArrayLike,
+    threshold: float = 0.5,
+    top_k: int | None = 3,
+    *,
+    top_k_threshold: bool = True,
+) -> dict[str, float]:
     """mAP and the thresholded per-class (C*) and overall (O*) precision, recall and F1.
 
     Parameters
@@ -132,6 +154,25 @@ def multilabel_report(Y_true, Y_score, threshold=0.5, top_k=3, *, top_k_threshol
     -------
     dict with keys "mAP", "CP", "CR", "CF1", "OP", "OR", "OF1" and, for top_k=3, "CP_top3", "CR_top3",
     "CF1_top3", "OP_top3", "OR_top3", "OF1_top3". Values are fractions in [0, 1] (multiply by 100 to report).
+
+    Examples
+    --------
+    At threshold 0.5, class 0 predicts samples 0 and 1 (TP 1, FP 1, FN 1), class 1 predicts sample 2 (TP 1,
+    FP 0, FN 1). CP = (1/2 + 1/1) / 2 = 0.75, CR = (1/2 + 1/2) / 2 = 0.5, CF1 = 2 CP CR / (CP + CR) = 0.6
+    (the mean of the per-class F1s would be (1/2 + 2/3) / 2 = 0.583). Pooled, OP = 2/3, OR = 2/4, OF1 = 4/7.
+
+    >>> from sklearn_difffeat.metrics import multilabel_report
+    >>> Y_true = [[1, 0], [0, 1], [1, 1]]
+    >>> Y_score = [[0.9, 0.2], [0.8, 0.4], [0.3, 0.6]]
+    >>> report = multilabel_report(Y_true, Y_score, top_k=None)
+    >>> {name: round(value, 4) for name, value in report.items()}
+    {'mAP': 0.9167, 'CP': 0.75, 'CR': 0.5, 'CF1': 0.6, 'OP': 0.6667, 'OR': 0.5, 'OF1': 0.5714}
+
+    With ``top_k=1`` a sample predicts only its highest-scoring label, even when two pass the threshold:
+
+    >>> one = multilabel_report([[1, 1]], [[0.9, 0.8]], top_k=1)
+    >>> one["OR"], one["OR_top1"]
+    (1.0, 0.5)
     """
     Y_true, Y_score = _check_pair(Y_true, Y_score)
     report = {"mAP": mean_average_precision(Y_true, Y_score)}
@@ -181,7 +222,7 @@ def _indicator_targets(estimator, y, n_columns):
 class _MultiLabelScorer:
     """Scorer callable ``scorer(estimator, X, y) -> float`` (greater is better)."""
 
-    def __init__(self, name, metric, response_methods):
+    def __init__(self, name: str, metric: Callable[[np.ndarray, np.ndarray], float], response_methods: tuple[str, ...]):
         self.name = name
         self._metric = metric
         self._response_methods = response_methods
@@ -196,7 +237,7 @@ class _MultiLabelScorer:
                 return np.asarray(scores, dtype=np.float64)
         raise AttributeError(f"{type(estimator).__name__} has none of {self._response_methods}.")
 
-    def __call__(self, estimator, X, y_true, sample_weight=None):
+    def __call__(self, estimator, X, y_true: ArrayLike, sample_weight: None = None) -> float:
         if sample_weight is not None:
             raise ValueError(f"{self.name} does not support sample_weight.")
         scores = self._scores(estimator, X)
@@ -205,7 +246,7 @@ class _MultiLabelScorer:
         Y = _indicator_targets(estimator, y_true, scores.shape[1])
         return float(self._metric(Y, scores))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{self.name}(response_method={self._response_methods[0]!r})"
 
 

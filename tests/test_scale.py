@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import distributed
 import joblib
 import numpy as np
 import pytest
@@ -28,8 +29,6 @@ from sklearn_difffeat import (
 from sklearn_difffeat.datasets import load_fashion_mosaics
 from sklearn_difffeat.metrics import map_scorer
 
-distributed = pytest.importorskip("distributed")
-
 IMAGE = dict(block=[3, -1], timestep=[0, 200])
 TEXT = dict(block=[2, -1], timestep=[0.0, 0.3])
 
@@ -43,7 +42,9 @@ def mosaics():
 def reference(mosaics):
     """Single-process features, no store."""
     image = DiTFeatureExtractor("embedded:fashion-dit", **IMAGE).fit(None).transform(mosaics.data["image"])
-    text = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", **TEXT).fit(None).transform(mosaics.data["text"])
+    # A few of these captions exceed the embedded text model's 64 tokens: truncated, with one warning.
+    with pytest.warns(UserWarning, match="longer than max_length=64 tokens and were truncated"):
+        text = TextDiffusionFeatureExtractor("embedded:fashion-mdlm", **TEXT).fit(None).transform(mosaics.data["text"])
     return image, text
 
 
@@ -68,6 +69,7 @@ def assert_no_duplicates_or_damage(folder, prefix=""):
         assert found.all() and np.isfinite(values).all()
 
 
+@pytest.mark.slow
 def test_in_process_extraction_equals_transform_and_resumes(mosaics, reference, tmp_path):
     ext = DiTFeatureExtractor("embedded:fashion-dit", **IMAGE)
     result = extract(ext, images(mosaics), tmp_path, shard_size=64, progress=False)
@@ -78,6 +80,7 @@ def test_in_process_extraction_equals_transform_and_resumes(mosaics, reference, 
     np.testing.assert_array_equal(again.features(), result.features())
 
 
+@pytest.mark.slow
 def test_cluster_extraction_equals_single_process(mosaics, reference, client, tmp_path):
     image = extract(DiTFeatureExtractor("embedded:fashion-dit", **IMAGE), images(mosaics), tmp_path, client=client,
                     shard_size=50, progress=False)
@@ -96,10 +99,19 @@ def test_cluster_extraction_equals_single_process(mosaics, reference, client, tm
     assert (rerun.computed, rerun.already_stored) == (0, 300)
 
 
+def shard_in_flight(client):
+    """The address of a worker that has an extraction shard assigned and not finished, or None."""
+    for address, keys in client.processing().items():
+        if any(str(key).startswith("difffeat-shard-") for key in keys):
+            return address
+    return None
+
+
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_changes_nothing(mosaics, reference, tmp_path):
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     with distributed.Client(cluster) as client:
-        pids = list(client.run(os.getpid).values())
+        pids = client.run(os.getpid)
         outcome = {}
 
         def run():
@@ -109,11 +121,22 @@ def test_a_worker_killed_mid_run_changes_nothing(mosaics, reference, tmp_path):
         thread = threading.Thread(target=run)
         thread.start()
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("dit-b3-*/*.json")) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the first shard is stored: the next ones are under way
-        os.kill(pids[0], signal.SIGKILL)
+        victim = None
+        # Wait until a shard is stored (the workers have their model and write to the store), then kill a worker
+        # that the scheduler lists with a shard under way.
+        while victim is None and thread.is_alive() and time.monotonic() < deadline:
+            if list(tmp_path.glob("dit-b3-*/*.json")):
+                victim = shard_in_flight(client)
+            time.sleep(0.02)
+        assert victim is not None, "no worker had a shard under way once the first shard was stored"
+        os.kill(pids[victim], signal.SIGKILL)
         thread.join(300)
         assert not thread.is_alive()
+        # The scheduler's record of the worker's removal lists the shards it held unfinished: the kill landed
+        # while work was under way, and those shards ran again elsewhere.
+        removals = [event for _, event in client.get_events(victim) if event.get("action") == "remove-worker"]
+        lost = [str(key) for event in removals for key in event["processing-tasks"]]
+        assert any(key.startswith("difffeat-shard-") for key in lost), removals
     cluster.close()
     result = outcome["result"]
     assert result.failed == {} and result.computed + result.already_stored == 300
@@ -121,6 +144,7 @@ def test_a_worker_killed_mid_run_changes_nothing(mosaics, reference, tmp_path):
     assert_no_duplicates_or_damage(tmp_path)
 
 
+@pytest.mark.slow
 def test_search_over_the_store_on_dask_matches_the_sequential_fit(mosaics, client, tmp_path):
     data, Y = mosaics.data.iloc[:120], mosaics.Y[:120]
     grid = {"features__image__block": [1, 2, 3, 4], "features__image__timestep": [0, 100, 300]}
@@ -151,6 +175,7 @@ def cli(*args, cwd=None):
                           capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_extract_command_lists_bad_files_and_resumes(mosaics, tmp_path):
     folder = tmp_path / "jpg"
     folder.mkdir()

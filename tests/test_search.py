@@ -6,12 +6,13 @@ import distributed
 import joblib
 import numpy as np
 import pytest
-from search_estimators import GRID, PEAK, Breaks, FoldSum, Landscape, NoisyMultiLabel, Table, landscape
 from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import GridSearchCV, KFold
 
 from sklearn_difffeat.metrics import map_scorer
 from sklearn_difffeat.search import BlockTimestepSearchCV
+
+from search_estimators import GRID, PEAK, Breaks, FoldSum, Landscape, NoisyMultiLabel, Table, landscape
 
 
 def data(n=12):

@@ -10,13 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-from search_estimators import FakeExtractor, Model, Table
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils._param_validation import InvalidParameterError
 
 from sklearn_difffeat.search import BlockTimestepSearchCV
 from sklearn_difffeat.search_priors import DiffFeatPriors, SearchPriors
+
+from search_estimators import FakeExtractor, Model, Table
 
 
 def data(n=8):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sklearn
-from search_estimators import Breaks, Table
 from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import GridSearchCV
 
@@ -27,6 +26,8 @@ from sklearn_difffeat._sklearn_compat import (
     silenced_non_finite_warning,
     with_failed_candidates,
 )
+
+from search_estimators import Breaks, Table
 
 
 def changed(what):

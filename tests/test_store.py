@@ -1,6 +1,7 @@
 """The segment feature store on its own: writes, reads, damage, concurrency, maintenance."""
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -116,7 +117,7 @@ def read_only(folder, monkeypatch):
     folder.mkdir(exist_ok=True)
     folder.chmod(0o500)
     if os.access(folder, os.W_OK):
-        def denied(path, payload):
+        def denied(path, *chunks, durable=True):
             raise PermissionError(13, "Permission denied", str(path))
 
         monkeypatch.setattr(_format, "write_atomic", denied)
@@ -136,7 +137,7 @@ def test_bad_keys_and_paths_are_refused(tmp_path):
         FeatureStore("")
     with pytest.raises(ValueError, match=r"keys\[1\]"):
         FeatureStore(tmp_path).write("ns", ["a" * 32, "not-hex"], rows(0, 1))
-    with pytest.raises(ValueError, match="Invalid namespace"):
+    with pytest.raises(ValueError, match="not a valid namespace name"):
         FeatureStore(tmp_path).count("../escape")
 
 
@@ -159,7 +160,8 @@ def test_clear_and_pickle(tmp_path):
     store.write("a", keys(0), rows(0))
     store.write("b", keys(0), rows(0))
     clone = pickle.loads(pickle.dumps(store))
-    assert clone.directory == store.directory and clone.settings["segment_rows"] == 7
+    assert clone.directory == store.directory and clone.settings["segment_rows"] == 7 and clone.durable
+    assert not pickle.loads(pickle.dumps(FeatureStore(tmp_path / "s", durable=False))).durable
     store.clear("a")
     assert set(store.namespaces()) == {"b"}
     store.clear()
@@ -292,6 +294,12 @@ def test_compact_while_threads_read_and_write(tmp_path, tight_thread_switching):
 
 
 # ---- the format and the index on their own -------------------------------------------------------------------
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def test_segment_file_round_trip_and_checksum(tmp_path):
     values = rows(0, 1, 2, width=5)
     name = _format.write_segment(tmp_path, keys(0, 1, 2), values)
@@ -299,7 +307,8 @@ def test_segment_file_round_trip_and_checksum(tmp_path):
     segment = _format.load_index(tmp_path / f"{name}.json")
     assert (segment.name, segment.width, segment.data) == (name, 5, tmp_path / f"{name}.npy")
     assert segment.keys.tolist() == keys(0, 1, 2).tolist()
-    assert segment.sha256 == hashlib.sha256(values.tobytes()).hexdigest()
+    assert segment.sha256 == hashlib.sha256(keys(0, 1, 2).tobytes() + values.tobytes()).hexdigest()
+    assert (tmp_path / f"{name}.npy").read_bytes() == npy_bytes(values)  # the file np.save writes
     np.testing.assert_array_equal(_format.open_data(segment, verify=True), values)
 
     with open(segment.data, "r+b") as handle:  # flip one bit of the last value: same shape, other data
@@ -316,9 +325,9 @@ def test_segment_file_round_trip_and_checksum(tmp_path):
 def test_index_without_data_or_field_is_refused(tmp_path):
     name = _format.write_segment(tmp_path, keys(0), rows(0))
     index = json.loads((tmp_path / f"{name}.json").read_text())
-    (tmp_path / "partial.json").write_text(json.dumps({k: v for k, v in index.items() if k != "sha256"}))
+    (tmp_path / "partial.json").write_text(json.dumps({k: v for k, v in index.items() if k != "sha256_keys_data"}))
     (tmp_path / "partial.npy").write_bytes((tmp_path / f"{name}.npy").read_bytes())
-    with pytest.raises(ValueError, match="'sha256' is missing"):
+    with pytest.raises(ValueError, match="'sha256_keys_data' is missing"):
         _format.load_index(tmp_path / "partial.json")
     (tmp_path / f"{name}.npy").unlink()
     with pytest.raises(ValueError, match="data file is missing"):

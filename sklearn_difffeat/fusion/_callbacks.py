@@ -1,8 +1,11 @@
 """skorch callbacks of the fusion head."""
 
+from __future__ import annotations
+
 import math
 
 import torch
+from skorch import NeuralNet
 from skorch.callbacks import Callback
 
 __all__ = ["StopOnNonFiniteLoss"]
@@ -21,7 +24,7 @@ class StopOnNonFiniteLoss(Callback):
     epoch and batch, the learning rate and the usual causes.
     """
 
-    def on_batch_end(self, net, batch=None, training=False, **kwargs):
+    def on_batch_end(self, net: NeuralNet, batch=None, training: bool = False, **kwargs) -> None:
         if not training:
             return
         loss = net.history[-1, "batches", -1, "train_loss"]
@@ -31,7 +34,7 @@ class StopOnNonFiniteLoss(Callback):
                 f"The training loss became {loss} at epoch {epoch}, batch {n_batch}. " + _CAUSES.format(lr=net.lr)
             )
 
-    def on_train_end(self, net, **kwargs):
+    def on_train_end(self, net: NeuralNet, **kwargs) -> None:
         if not all(torch.isfinite(p).all() for p in net.module_.parameters()):
             raise FloatingPointError(
                 f"The weights became non-finite in the last step of training (epoch {len(net.history)}). "

@@ -1,10 +1,14 @@
 """FusionClassifier: Diff-Feat's fusion head as a scikit-learn classifier trained with skorch."""
 
+from __future__ import annotations
+
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import ArrayLike
 from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.preprocessing import StandardScaler
@@ -22,6 +26,9 @@ from ._module import FusionModule
 from ._targets import encode_targets
 
 __all__ = ["FusionClassifier"]
+
+#: What the fit and predict methods take as X: a table, or one array per modality.
+FusionInput = ArrayLike | pd.DataFrame | Mapping[str, ArrayLike]
 
 
 class FusionClassifier(ClassifierMixin, BaseEstimator):
@@ -131,22 +138,22 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(
         self,
-        modalities="auto",
-        projection_dim=2048,
-        standardize=True,
-        dropout=0.0,
-        lr=3e-3,
-        lr_schedule="cosine",
-        weight_decay=1.0,
-        max_epochs=100,
-        batch_size=256,
-        early_stopping=None,
-        validation_fraction=0.1,
-        threshold=0.5,
-        device=None,
-        random_state=0,
-        verbose=0,
-    ):
+        modalities: str | list[int] | dict = "auto",
+        projection_dim: int = 2048,
+        standardize: bool = True,
+        dropout: float = 0.0,
+        lr: float = 3e-3,
+        lr_schedule: str = "cosine",
+        weight_decay: float = 1.0,
+        max_epochs: int = 100,
+        batch_size: int = 256,
+        early_stopping: int | None = None,
+        validation_fraction: float = 0.1,
+        threshold: float = 0.5,
+        device: str | torch.device | None = None,
+        random_state: int | np.random.RandomState | None = 0,
+        verbose: int = 0,
+    ) -> None:
         self.modalities = modalities
         self.projection_dim = projection_dim
         self.standardize = standardize
@@ -184,7 +191,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         # torch refuses read-only buffers (pandas' copy-on-write hands those out), so copy only then.
         return np.require(X_arr, dtype=np.float32, requirements=["C", "W"])
 
-    def fit(self, X, y):
+    def fit(self, X: FusionInput, y: ArrayLike) -> FusionClassifier:
         """Fit the head.
 
         Parameters
@@ -255,7 +262,7 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         self.net_, self.n_epochs_ = net, len(net.history)
         return self
 
-    def fuse(self, X):
+    def fuse(self, X: FusionInput) -> np.ndarray:
         """The fused representation: the sum of the modalities' projections of the standardised features.
 
         This is the input of the linear head (before dropout, which acts in training only).
@@ -285,19 +292,19 @@ class FusionClassifier(ClassifierMixin, BaseEstimator):
         with torch.no_grad():
             return self.net_.forward(X_arr, training=False).cpu().numpy().astype(np.float64)
 
-    def decision_function(self, X):
+    def decision_function(self, X: FusionInput) -> np.ndarray:
         """Logits: (n, L) multi-label, (n, K) multiclass, (n,) for two classes (the score of ``classes_[1]``)."""
         logits = self._logits(X)
         if not self.multilabel_ and len(self.classes_) == 2:
             return logits[:, 1] - logits[:, 0]
         return logits
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: FusionInput) -> np.ndarray:
         """(n, L) independent sigmoid probabilities (multi-label) or (n, K) softmax (single-label)."""
         logits = self._logits(X)
         return expit(logits) if self.multilabel_ else softmax(logits, axis=1)
 
-    def predict(self, X):
+    def predict(self, X: FusionInput) -> np.ndarray:
         """(n, L) 0/1 matrix (multi-label, ``predict_proba >= threshold``) or (n,) original class labels."""
         proba = self.predict_proba(X)
         if self.multilabel_:

@@ -5,21 +5,27 @@ Plain functions, no estimator state: the classifier calls :func:`resolve_modalit
 :func:`stack_modality_dict` (with the fitted groups) at predict time to check that X still has them.
 """
 
+from __future__ import annotations
+
 import numbers
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
 from sklearn.utils.validation import check_array
 
 __all__ = ["check_frame_columns", "is_modality_dict", "resolve_modalities", "stack_modality_dict"]
 
 
-def is_modality_dict(X):
+def is_modality_dict(X: object) -> bool:
     """True for a dict of per-modality arrays (plain dict or ``skorch.helper.SliceDict``)."""
     return isinstance(X, dict) and not sp.issparse(X)  # scipy's dok_matrix is a dict subclass
 
 
-def resolve_modalities(spec, n_features, feature_names=None):
+def resolve_modalities(
+    spec: str | list[int] | dict, n_features: int, feature_names: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """Turn a ``modalities`` specification into ``{name: column positions}`` for a 2-D X.
 
     Parameters
@@ -124,7 +130,9 @@ def _check_partition(groups, n_features):
         raise ValueError(f"Column {int(np.argmax(counts > 1))} belongs to more than one modality.")
 
 
-def stack_modality_dict(X, fitted=None):
+def stack_modality_dict(
+    X: Mapping[str, ArrayLike], fitted: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Concatenate a dict of per-modality 2-D arrays into one float32 array.
 
     Parameters
@@ -173,7 +181,9 @@ def stack_modality_dict(X, fitted=None):
     return out, fitted
 
 
-def check_frame_columns(columns, feature_names_in, groups):
+def check_frame_columns(
+    columns: Sequence, feature_names_in: Sequence[str], groups: dict[str, np.ndarray]
+) -> None:
     """Check a predict-time DataFrame's columns against the fitted ones; name what differs.
 
     Parameters

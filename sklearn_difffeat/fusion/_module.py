@@ -1,7 +1,12 @@
 """The torch module of the fusion head: Diff-Feat's per-modality projections, their sum, and a linear head."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 __all__ = ["FusionModule"]
@@ -28,7 +33,15 @@ class FusionModule(nn.Module):
         Dropout probability on the fused vector during training.
     """
 
-    def __init__(self, groups, projection_dim, n_outputs, mean=None, scale=None, dropout=0.0):
+    def __init__(
+        self,
+        groups: Sequence[ArrayLike],
+        projection_dim: int,
+        n_outputs: int,
+        mean: ArrayLike | None = None,
+        scale: ArrayLike | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self._n_groups = len(groups)
         for i, idx in enumerate(groups):
@@ -41,7 +54,7 @@ class FusionModule(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(projection_dim, n_outputs)
 
-    def fuse(self, X):
+    def fuse(self, X: torch.Tensor) -> torch.Tensor:
         """The fused representation ``(n, projection_dim)``: the sum of the modalities' projections."""
         if self.standardize:
             X = (X - self.mean) / self.scale
@@ -50,5 +63,5 @@ class FusionModule(nn.Module):
             fused = fused + projection(X.index_select(1, getattr(self, f"index_{i}")))
         return fused
 
-    def forward(self, X):
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.fuse(X)))

@@ -1,16 +1,19 @@
 """Target encoding for the fusion head: a 0/1 indicator matrix (multi-label) or 1-D class labels."""
 
+from __future__ import annotations
+
 import warnings
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
 from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.multiclass import check_classification_targets
 
 __all__ = ["encode_targets"]
 
 
-def encode_targets(y, n_samples):
+def encode_targets(y: ArrayLike, n_samples: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Check ``y`` and encode it for the torch loss.
 
     Parameters

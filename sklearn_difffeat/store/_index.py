@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._format import KEY_LENGTH, Segment, load_index, segment_indexes
+from ._format import KEY_LENGTH, Segment, SegmentDamaged, load_index, segment_indexes
 
 
 class NamespaceIndex:
@@ -24,23 +24,29 @@ class NamespaceIndex:
         self.segment_of = np.empty(0, dtype=np.int64)
         self.row_of = np.empty(0, dtype=np.int64)
 
-    def refresh(self) -> list[tuple[Path, Exception]]:
-        """Load the indexes of segments completed since the last look; returns the damaged ones with the reason.
+    def refresh(self, on_damaged) -> None:
+        """Load the indexes of segments completed since the last look; call ``on_damaged(path, error)`` for each
+        damaged one, which is then skipped like a good one already loaded.
 
-        A damaged index is reported once and then skipped, like a good one already loaded.
+        A transient error (too many open files, ...) propagates; the segments loaded before it are kept and the
+        index that failed is looked at again on the next refresh.
         """
-        added, damaged = [], []
-        for file in segment_indexes(self.folder):
-            if file in self.seen:
-                continue
-            self.seen.add(file)
-            try:
-                added.append(load_index(self.folder / file))
-            except (OSError, ValueError) as exc:
-                damaged.append((self.folder / file, exc))
-        if added:
-            self.add(added)
-        return damaged
+        added = []
+        try:
+            for file in segment_indexes(self.folder):
+                if file in self.seen:
+                    continue
+                try:
+                    segment = load_index(self.folder / file)
+                except SegmentDamaged as exc:
+                    self.seen.add(file)
+                    on_damaged(self.folder / file, exc)
+                    continue
+                self.seen.add(file)
+                added.append(segment)
+        finally:
+            if added:
+                self.add(added)
 
     def add(self, segments: list[Segment]) -> None:
         """Take in more segments."""

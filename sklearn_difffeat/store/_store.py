@@ -1,13 +1,11 @@
-"""The feature store's facade: :class:`FeatureStore` (reads, maintenance, per-process caches) and
-:class:`SegmentWriter` (buffers rows into segments). The file format is in ``_format``, the in-memory key index in
-``_index``.
+"""The feature store's facade: :class:`FeatureStore` (reads, maintenance, per-process caches, the identity
+registry) and :class:`SegmentWriter` (buffers rows into segments). The file format is in ``_format`` (durable
+writes in ``_files``), the in-memory key index in ``_index``, the identity registry in ``_identity``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import threading
 import time
@@ -17,11 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _identity
+from ._files import is_transient, make_folder, os_error_text
 from ._format import (
     STORE_FILE,
     Segment,
+    SegmentDamaged,
+    StoreReadError,
+    StoreWriteError,
     append_segment,
     as_keys,
+    check_namespace,
     delete_namespace,
     delete_segment,
     namespace_folders,
@@ -36,12 +40,6 @@ from ._index import NamespaceIndex
 DEFAULTS = {"segment_rows": 4096, "segment_seconds": 60.0, "segment_bytes": 256 << 20}
 _STALE_SECONDS = 3600  # compact() removes unfinished files older than this (their writer is long gone)
 _OPEN_MAPS = 128  # memory maps kept open per store (each holds a file descriptor)
-
-
-def stable_hash(*parts, size: int = 10) -> str:
-    """Hex digest of JSON-serialisable parts; identical across processes and machines."""
-    payload = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.blake2b(payload, digest_size=size).hexdigest()
 
 
 def _locked(method):
@@ -67,12 +65,17 @@ class FeatureStore:
         many bytes, whichever comes first (a killed writer loses at most that much work). Default: the values
         saved in the store's ``store.json``, else 4096 rows, 60 s, 256 MiB. :meth:`create` saves them for every
         later writer, in any process.
+    durable : bool, default True
+        Sync each file to disk before renaming it into place, and its folder after, so that a power loss keeps
+        every segment that was complete. False skips the syncs (faster on slow disks); a power loss may then
+        leave damaged segments, which reads detect and recompute. Not saved: each process chooses.
     """
 
-    def __init__(self, directory, *, segment_rows=None, segment_seconds=None, segment_bytes=None):
+    def __init__(self, directory, *, segment_rows=None, segment_seconds=None, segment_bytes=None, durable=True):
         if directory is None or os.fspath(directory) == "":
             raise ValueError("A feature store needs a folder path; got an empty path.")
         self.directory = Path(directory).expanduser()
+        self.durable = bool(durable)
         self.settings = dict(DEFAULTS)
         try:
             self.settings.update({k: v for k, v in read_settings(self.directory).items() if k in DEFAULTS})
@@ -92,15 +95,20 @@ class FeatureStore:
     def create(cls, directory, **settings) -> FeatureStore:
         """Create (or reopen) a store and save its segment settings for every writer that opens it later."""
         store = cls(directory, **settings)
-        store.directory.mkdir(parents=True, exist_ok=True)
-        write_settings(store.directory, store.settings)
+        try:
+            make_folder(store.directory, store.durable)
+            write_settings(store.directory, store.settings, store.durable)
+        except OSError as exc:
+            error = StoreWriteError(f"Could not create the feature store {store.directory}: {os_error_text(exc)}")
+            error.errno = exc.errno
+            raise error from exc
         return store
 
     def __repr__(self):
         return f"FeatureStore({str(self.directory)!r})"
 
     def __reduce__(self):  # pickles as its folder and settings: loaded indexes and maps are per process
-        return (_reopen, (str(self.directory), self.settings))
+        return (_reopen, (str(self.directory), self.settings, self.durable))
 
     # ---- reading ----------------------------------------------------------------------------------------
     def namespaces(self) -> dict[str, dict]:
@@ -126,34 +134,25 @@ class FeatureStore:
     def read(self, namespace: str, keys, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(values, found)``: float32 rows ``(len(keys), width)`` for the keys that are stored, and which are.
 
-        Rows of absent keys are left as zeros. ``width`` (when known) rejects segments of another width, e.g.
-        features written by another version of a model configuration. Damaged segments and non-finite rows
-        count as absent.
+        Rows of absent keys are left as zeros. ``width`` (default: that of the namespace's first segment)
+        rejects segments of another width, e.g. features written by another version of a model configuration.
+        Damaged segments and non-finite rows count as absent, with a warning. Raises :class:`StoreReadError`
+        when the files cannot be opened for a reason that is not damage (too many open files, ...).
         """
         keys = as_keys(keys)
         ns = self._refresh(namespace)
-        for _attempt in range(2):  # a segment found damaged is dropped, and the lookup repeated once
-            found, segment_ids, rows = ns.locate(keys)
-            if width is not None:
-                wrong = [i for i, s in enumerate(ns.segments) if s.width != width]
-                if wrong:
-                    self._drop(ns, wrong, f"rows of width {ns.segments[wrong[0]].width}, expected {width}")
-                    continue
+        while True:  # each pass that does not break drops at least one segment, so this ends
             if width is None:
                 width = ns.segments[0].width if ns.segments else 0
-            values = np.zeros((len(keys), width), dtype=np.float32)
-            damaged = []
-            for seg_id in np.unique(segment_ids[found]):
-                where = np.flatnonzero(found & (segment_ids == seg_id))
-                data = self._rows(ns, ns.segments[seg_id])
-                if data is None:
-                    damaged.append(int(seg_id))
-                    continue
-                order = np.argsort(rows[where], kind="stable")  # ascending rows read the file forwards
-                values[where[order]] = data[rows[where][order]]
+            wrong = [i for i, s in enumerate(ns.segments) if s.width != width]
+            if wrong:
+                self._drop(ns, wrong, f"rows of width {ns.segments[wrong[0]].width}, expected {width}")
+                continue
+            found, segment_ids, rows = ns.locate(keys)
+            values, damaged = self._gather(ns, found, segment_ids, rows, width)
             if not damaged:
                 break
-            self._drop(ns, damaged, "checksum or shape mismatch")
+            self._drop(ns, damaged, "unreadable")  # then look again: another segment may hold those keys
         finite = np.isfinite(values).all(axis=1)
         if (found & ~finite).any():
             self._warn_once(("nonfinite", namespace), f"{int((found & ~finite).sum())} stored rows in namespace "
@@ -166,19 +165,43 @@ class FeatureStore:
         return SegmentWriter(self, namespace, width, description)
 
     def write(self, namespace: str, keys, values, description: dict | None = None) -> None:
-        """Append ``values`` (n, width) for ``keys`` as one segment, now."""
+        """Append ``values`` (n, width) for ``keys`` as one segment, now. Raises :class:`StoreWriteError` if it
+        cannot be written; then nothing of it is visible to readers."""
+        check_namespace(namespace)
         values = np.asarray(values, dtype=np.float32)
         if values.ndim != 2 or len(values) != len(keys):
             raise ValueError(f"values must have shape (len(keys), width) = ({len(keys)}, w), got {values.shape}.")
         with self.writer(namespace, values.shape[1], description) as writer:
             writer.add(keys, values)
 
+    # ---- model identities -------------------------------------------------------------------------------
+    @_locked
+    def record_identity(self, identity: dict, resolved: dict) -> None:
+        """Record that loading the model named by ``identity`` (e.g. hub id and revision, or a folder's file
+        names, sizes and times, plus options such as the dtype) resolved ``resolved`` (e.g. the weights'
+        fingerprint, the number of blocks, the width), so that later reads need not load the model.
+
+        Both are JSON-serialisable dicts the store does not interpret. Atomic, durable, idempotent and safe with
+        any number of concurrent writers. Raises :class:`StoreWriteError` if it cannot be written.
+        """
+        _identity.record(self.directory, identity, resolved, self._warn_once, self.durable)
+
+    @_locked
+    def lookup_identity(self, identity: dict) -> dict | None:
+        """What loading the model named by ``identity`` resolved, or None if it was never recorded.
+
+        Damaged records are ignored with a warning. If loads of one identity resolved different values, the
+        record made last wins (see docs/store.md).
+        """
+        return self._retry_transient(lambda: _identity.lookup(self.directory, identity, self._warn_once),
+                                     "the model-identity records")
+
     # ---- maintenance ------------------------------------------------------------------------------------
     @_locked
     def clear(self, namespace: str | None = None) -> None:
-        """Delete one namespace, or every namespace and the store's settings."""
+        """Delete one namespace, or everything: every namespace, the identity records and the settings."""
         if namespace is not None:
-            targets = [self.directory / namespace]
+            targets = [self.directory / check_namespace(namespace)]
         elif self.directory.is_dir():
             targets = [p for p in self.directory.iterdir() if p.is_dir()]
         else:
@@ -195,7 +218,7 @@ class FeatureStore:
         """Merge each namespace's segments into as few as the segment size allows, dropping duplicate keys,
         damaged segments and files of writers that died more than an hour ago. Safe while others read or write:
         new segments are complete before old ones are removed, and a reader that loses a segment recomputes."""
-        for name in [namespace] if namespace else list(self.namespaces()):
+        for name in [check_namespace(namespace)] if namespace is not None else list(self.namespaces()):
             ns = self._refresh(name)
             old = list(ns.segments)
             chunk = max(1, int(self.settings["segment_rows"]))
@@ -204,22 +227,39 @@ class FeatureStore:
                 values, found = self.read(name, keys[start:start + chunk], width)
                 if found.any():
                     append_segment(self.directory, name, keys[start:start + chunk][found], values[found],
-                                   self.settings)
+                                   self.settings, durable=self.durable)
             for segment in old:
                 delete_segment(ns.folder, segment.name)
             remove_abandoned(ns.folder, _STALE_SECONDS)
             self._namespaces.pop(name, None)
             self._maps.clear()
+        if namespace is None and (self.directory / _identity.IDENTITY_FOLDER).is_dir():
+            remove_abandoned(self.directory / _identity.IDENTITY_FOLDER, _STALE_SECONDS)
 
     # ---- internals --------------------------------------------------------------------------------------
     def _refresh(self, namespace: str) -> NamespaceIndex:
         """The namespace's index, with the segments completed since the last look."""
-        if not namespace or "/" in namespace or namespace.startswith("."):
-            raise ValueError(f"Invalid namespace name {namespace!r}.")
-        ns = self._namespaces.setdefault(namespace, NamespaceIndex(self.directory / namespace))
-        for path, exc in ns.refresh():
+        ns = self._namespaces.setdefault(check_namespace(namespace), NamespaceIndex(self.directory / namespace))
+
+        def damaged(path, exc):
             self._warn_once(path, f"Ignoring the damaged feature-store index {path} ({exc}); its rows are recomputed.")
+
+        self._retry_transient(lambda: ns.refresh(damaged), f"the segment indexes of namespace {namespace!r}")
         return ns
+
+    def _gather(self, ns: NamespaceIndex, found, segment_ids, rows, width: int):
+        """``(values, damaged)``: the found keys' rows, and the positions of the segments found damaged."""
+        values = np.zeros((len(found), width), dtype=np.float32)
+        damaged = []
+        for seg_id in np.unique(segment_ids[found]):
+            where = np.flatnonzero(found & (segment_ids == seg_id))
+            data = self._rows(ns, ns.segments[seg_id])
+            if data is None:
+                damaged.append(int(seg_id))
+                continue
+            order = np.argsort(rows[where], kind="stable")  # ascending rows read the file forwards
+            values[where[order]] = data[rows[where][order]]
+        return values, damaged
 
     def _rows(self, ns: NamespaceIndex, segment: Segment):
         """The segment's data as a read-only memory map, its checksum verified once per process; None if damaged."""
@@ -227,9 +267,10 @@ class FeatureStore:
         if key in self._maps:
             self._maps.move_to_end(key)
             return self._maps[key]
+        verify = segment.name not in ns.verified
         try:
-            data = open_data(segment, verify=segment.name not in ns.verified)
-        except (OSError, ValueError) as exc:
+            data = self._retry_transient(lambda: open_data(segment, verify), f"the segment {segment.data}")
+        except SegmentDamaged as exc:
             self._warn_once(segment.data, f"Ignoring the damaged feature-store segment {segment.data} ({exc}); "
                             "its rows are recomputed.")
             return None
@@ -238,6 +279,26 @@ class FeatureStore:
         while len(self._maps) > _OPEN_MAPS:
             self._maps.popitem(last=False)
         return data
+
+    def _retry_transient(self, action, what: str):
+        """``action()``; after a transient OS error (too many open files, out of memory, ...), close the store's
+        memory maps (each holds a file descriptor and address space) and run it once more, then raise
+        :class:`StoreReadError`. Such an error says nothing about the files, so nothing is dropped: a dropped
+        healthy segment would be recomputed for nothing, and deleted by :meth:`compact`."""
+        for attempt in (1, 2):
+            try:
+                return action()
+            except (OSError, MemoryError) as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == 2:
+                    error = StoreReadError(
+                        f"Could not read {what} in the feature store {self.directory}: {os_error_text(exc)}, even "
+                        "after closing the store's memory maps. This is not damage and nothing was dropped; retry "
+                        "with fewer files open or more memory (e.g. a higher `ulimit -n`).")
+                    error.errno = getattr(exc, "errno", None)
+                    raise error from exc
+                self._maps.clear()
 
     def _drop(self, ns: NamespaceIndex, segment_ids, reason: str):
         for i in segment_ids:
@@ -259,7 +320,8 @@ class SegmentWriter:
     """
 
     def __init__(self, store: FeatureStore, namespace: str, width: int, description=None):
-        self.store, self.namespace, self.width, self.description = store, namespace, int(width), description
+        self.store, self.namespace, self.width = store, check_namespace(namespace), int(width)
+        self.description = description
         self._keys, self._values, self._rows, self._since = [], [], 0, None
 
     def add(self, keys, values) -> None:
@@ -277,11 +339,13 @@ class SegmentWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered rows as one segment; raises :class:`StoreWriteError` (and drops them) if it fails."""
         if not self._rows:
             return
         keys, values = np.concatenate(self._keys), np.concatenate(self._values)
         self._keys, self._values, self._rows, self._since = [], [], 0, None
-        append_segment(self.store.directory, self.namespace, keys, values, self.store.settings, self.description)
+        append_segment(self.store.directory, self.namespace, keys, values, self.store.settings, self.description,
+                       self.store.durable)
 
     def __enter__(self):
         return self
@@ -291,5 +355,5 @@ class SegmentWriter:
         return False
 
 
-def _reopen(directory, settings):
-    return FeatureStore(directory, **settings)
+def _reopen(directory, settings, durable=True):
+    return FeatureStore(directory, durable=durable, **settings)
