@@ -92,6 +92,8 @@ class SequenceSource(Source):
         if isinstance(inputs, (str, os.PathLike, bytes)) or not hasattr(inputs, "__len__"):
             raise ValueError(f"inputs must be a sequence of samples (a list, array or Series) or a source; got "
                              f"{type(inputs).__name__}.")
+        if hasattr(inputs, "iloc") and getattr(inputs, "ndim", 1) == 2 and inputs.shape[1] == 1:
+            inputs = inputs.iloc[:, 0]  # a one-column DataFrame (as a ColumnTransformer passes it): its column
         self.inputs, self.modality = inputs, modality
 
     def __len__(self) -> int:
