@@ -122,3 +122,16 @@ class Climb:
             "step": self.step, "params": self.candidate(point), "score": np.nan if score == -np.inf else float(score),
             "move": move, "n_evaluations": len(self.scores), "stopped": None,
         })
+
+    def check_some_score(self, first_error: str | None) -> None:
+        """Raise when no evaluated point has a finite score, so that there is no best candidate; `first_error` is
+        the first failed fit's error, if any fit failed."""
+        if np.isfinite(list(self.scores.values())).any():
+            return
+        raise ValueError(
+            f"None of the {len(self.scores)} evaluated candidates has a score to compare: "
+            + (f"each failed or scored NaN; the first error: {first_error}." if first_error else "all scores were NaN.")
+            + " Check that the scoring can score this estimator on this y (a scorer that raises gives NaN, with a "
+            "'Scoring failed' warning) and that the estimator fits this data; error_score='raise' raises the first "
+            "failure with its traceback."
+        )

@@ -26,8 +26,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True,
                    help="hub id (facebook/DiT-XL-2-256, kuleshov-group/mdlm-owt), model folder, or embedded:NAME")
     p.add_argument("--input", required=True, type=Path,
-                   help="a folder of images (searched recursively), a .txt list of image paths (one per line), or "
-                        "a .csv / .parquet table (see --image-column, --text-column)")
+                   help="a folder of images (searched recursively), a .txt list of image paths (one per line), a "
+                        ".csv / .parquet table (see --image-column, --text-column), webdataset .tar shards (a file, "
+                        "a folder of them, or a brace pattern such as 'shards/{00000..00099}.tar'; see --image-key, "
+                        "--text-key), parquet files ('part-{000..015}.parquet', a folder), or hf:FOLDER, a "
+                        "Hugging Face dataset saved with save_to_disk")
     p.add_argument("--store", required=True, type=Path, help="feature store folder (created if missing)")
     p.add_argument("--block", type=int, nargs="+", default=None,
                    help="block(s) to extract; 0 = embedding, k = output of block k, -1 = last "
@@ -37,8 +40,14 @@ def add_parser(subparsers) -> None:
                         "[0, 1] for text (default 0)")
     p.add_argument("--text-column", help="extract text features from this column of a .csv / .parquet table")
     p.add_argument("--image-column", default="image",
-                   help="column of image paths in a .csv / .parquet table (default: image); relative paths are "
-                        "read from the table's folder")
+                   help="image column of a table or dataset (default: image): paths (relative ones are read from "
+                        "the table's folder), or in parquet / datasets encoded image files (binary, or the "
+                        "Hugging Face {bytes, path} struct)")
+    p.add_argument("--image-key", default=None,
+                   help="webdataset: extension of the image member (default: the first of jpg, jpeg, png, webp)")
+    p.add_argument("--text-key", default=None,
+                   help="webdataset: extract text features from this member instead: an extension (txt), or "
+                        "json:FIELD for a field of the .json member (json:caption)")
     p.add_argument("--batch-size", type=int, default=64, help="maximum batch on the device (default: 64)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="decoding processes per extraction (default: all cores but one, at most 16)")
@@ -79,7 +88,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    inputs, is_text = read_inputs(args.input, args.text_column, args.image_column)
+    inputs, is_text = read_inputs(args.input, args.text_column, args.image_column, args.image_key, args.text_key)
     extractor = _extractor(args, is_text)
     client, cluster = _client(args)
     from .extraction import extract
@@ -102,27 +111,47 @@ def _run(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as handle:
             for position, reason in sorted(result.failed.items()):
-                handle.write(f"{inputs[position]}\t{reason}\n")
+                handle.write(f"{result.ids[position]}\t{reason}\n")
         print(f"{len(result.failed)} unreadable inputs are listed in {path}")
     return 0
 
 
-def read_inputs(path: Path, text_column: str | None, image_column: str) -> tuple[list, bool]:
-    """The samples named by ``--input``: (list of paths or texts, whether they are texts)."""
-    if not path.exists():
-        raise CommandError(f"--input {path} does not exist")
+def read_inputs(path: Path, text_column: str | None, image_column: str, image_key: str | None = None,
+                text_key: str | None = None) -> tuple:
+    """The samples named by ``--input``: (a list of paths or texts, or a source; whether they are texts)."""
+    from . import sources
+
+    spec = str(path)
+    kind = _input_kind(spec)
+    if kind != "tar" and (image_key or text_key):
+        raise CommandError("--image-key and --text-key apply to webdataset .tar shards")
+    if kind == "tar":
+        if text_column:
+            raise CommandError("webdataset shards take --text-key (txt, json:caption), not --text-column")
+        return sources.WebDatasetSource(spec, image_key=image_key, text_key=text_key), text_key is not None
+    if kind == "parquet":
+        column = text_column or image_column
+        return sources.ParquetSource(spec, column, "texts" if text_column else "images"), bool(text_column)
+    if kind == "hf":
+        import datasets
+
+        data = datasets.load_from_disk(spec[3:])
+        if not isinstance(data, datasets.Dataset):
+            raise CommandError(f"{spec[3:]} holds several splits ({', '.join(data)}): give the folder of one")
+        column = text_column or image_column
+        return sources.HuggingFaceSource(data, column, "texts" if text_column else "images"), bool(text_column)
     if path.is_dir():
         if text_column:
-            raise CommandError("--text-column needs a .csv or .parquet table as --input, not a folder")
+            raise CommandError("--text-column needs a table or dataset as --input, not a folder of images")
         files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise CommandError(f"--input {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise CommandError(f"--input {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}), .tar "
+                               "shards or .parquet files")
         return files, False
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".parquet"):
+    if path.suffix.lower() == ".csv":
         import pandas as pd
 
-        table = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        table = pd.read_csv(path)
         column = text_column or image_column
         if column not in table.columns:
             raise CommandError(f"{path} has no column {column!r}; its columns are {list(table.columns)}")
@@ -131,11 +160,37 @@ def read_inputs(path: Path, text_column: str | None, image_column: str) -> tuple
             return values, True
         return [str(v) if os.path.isabs(str(v)) else str(path.parent / str(v)) for v in values], False
     if text_column:
-        raise CommandError("--text-column needs a .csv or .parquet table as --input")
+        raise CommandError("--text-column needs a .csv or .parquet table or an hf: dataset as --input")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not lines:
         raise CommandError(f"--input {path} lists no files")
     return [line if os.path.isabs(line) else str(path.parent / line) for line in lines], False
+
+
+def _input_kind(spec: str) -> str:
+    """What ``--input`` names: "tar", "parquet", "hf" (a saved dataset), or "other" (images, lists, CSV)."""
+    if spec.startswith("hf:"):
+        if not Path(spec[3:]).is_dir():
+            raise CommandError(f"--input {spec}: no dataset folder {spec[3:]}")
+        return "hf"
+    if "{" in spec:
+        from braceexpand import braceexpand
+
+        suffixes = {Path(name).suffix.lower() for name in braceexpand(spec)}
+        if suffixes in ({".tar"}, {".parquet"}):
+            return suffixes.pop()[1:]
+        raise CommandError(f"--input {spec}: a brace pattern must name .tar shards or .parquet files")
+    path = Path(spec)
+    if not path.exists():
+        raise CommandError(f"--input {path} does not exist")
+    if path.is_dir():  # a folder of images (stop at the first), else of .tar shards, else of .parquet files
+        suffixes = set()
+        for name in path.rglob("*"):
+            if name.suffix.lower() in IMAGE_SUFFIXES:
+                return "other"
+            suffixes.add(name.suffix.lower())
+        return next((s[1:] for s in (".tar", ".parquet") if s in suffixes), "other")
+    return {".tar": "tar", ".parquet": "parquet"}.get(path.suffix.lower(), "other")
 
 
 def _extractor(args, is_text: bool):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, ValuesView
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 
@@ -30,12 +31,7 @@ def check_axes(param_grid: Mapping[str, Iterable[Any]]) -> list[tuple[str, list[
     for name, values in param_grid.items():
         if not isinstance(name, str):
             raise ValueError(f"param_grid keys must be parameter names (str), got {name!r}.")
-        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
-            raise ValueError(
-                f"param_grid[{name!r}] must be an ordered sequence of values (list, tuple, range, 1-D array), "
-                f"got {type(values).__name__}."
-            )
-        values = list(values)
+        values = _axis_values(name, values)
         if not values:
             raise ValueError(f"param_grid[{name!r}] is empty: each axis needs at least one value.")
         for i, v in enumerate(values):
@@ -44,6 +40,26 @@ def check_axes(param_grid: Mapping[str, Iterable[Any]]) -> list[tuple[str, list[
                 raise ValueError(f"param_grid[{name!r}] has the duplicate value {v!r} (positions {j} and {i}).")
         axes.append((name, values))
     return axes
+
+
+def _axis_values(name: str, values: Any) -> list[Any]:
+    """The values of axis `name` as a list, refusing what has no order or is not one axis."""
+    expected = "an ordered sequence of values (list, tuple, range, 1-D array)"
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise ValueError(f"param_grid[{name!r}] must be {expected}, got {type(values).__name__}.")
+    if isinstance(values, (AbstractSet, ValuesView)):
+        # A set's iteration order is arbitrary (it can change with the hash seed), and the climb's neighbours are
+        # adjacent positions: give the order explicitly.
+        raise ValueError(
+            f"param_grid[{name!r}] is a {type(values).__name__}, which has no order; the search moves between "
+            f"adjacent values, so it needs {expected}, e.g. sorted(...)."
+        )
+    ndim = getattr(values, "ndim", 1)
+    if ndim != 1:
+        raise ValueError(
+            f"param_grid[{name!r}] is a {ndim}-D array of shape {tuple(values.shape)}; an axis must be {expected}."
+        )
+    return list(values)
 
 
 def grid_point(axes: list[tuple[str, list[Any]]], choices: list[tuple[str, Mapping[str, Any]]]) -> tuple[int, ...]:

@@ -11,17 +11,21 @@ the following, which `tests/test_sklearn_compat.py` checks against the installed
   `_run_search` takes no `callback_ctx` is called with `evaluate_candidates` alone); `_get_scorers()` returning
   `(scorers, refit_metric)` (the search swaps in its multi-label default scorer there); and
   `_format_results(candidate_params, n_splits, out, more_results)` returning the results dict (the search keeps
-  its arguments to tell which candidates failed on every fold and to restore the rows of a failed step).
+  its arguments to tell which candidates have a failed fit and to restore the rows of a failed step).
+- Ranking: `_format_results` ranks each metric with `rankdata(-mean, "min")` as int32, NaN means tied last, and
+  `fit` picks `best_index_` as the lowest `rank_test_<refit metric>` of the dict the last call returned. The
+  search rewrites those ranks so that a candidate with a failed fit ranks last whatever `error_score`
+  (`rank_failed_last`), which reaches `best_index_`, `best_params_`, `best_score_` and the refit.
 - `evaluate_candidates(candidate_params, cv=..., more_results=...)`: scores one batch on the given splitter
   (which it splits anew at every call: hence `FrozenSplits`), prints its "Fitting ..." line whenever
   `search.verbose > 0` at the time of the call, and returns the results of all calls so far, the very dict `fit`
   then ranks and keeps as `cv_results_` (so updating it in place reaches `cv_results_`).
 - `out`, the per-fit results `_format_results` receives: one dict per (candidate, split), candidate-major, with
-  `fit_error` (None or the traceback text), `test_scores` (and `train_scores`), `n_test_samples`, `fit_time`
-  and `score_time`; a failed fit scores `error_score`.
+  `fit_error` (None or the formatted traceback, read by `exception_line`), `test_scores` (and `train_scores`),
+  `n_test_samples`, `fit_time` and `score_time`; a failed fit scores `error_score`.
 - Messages that have no class of their own: a batch whose fits all fail raises a plain `ValueError` "All the N
-  fits failed" (its rows are then dropped from the results) whose details end each traceback after a line of
-  dashes; and `_format_results` warns "One or more of the test scores are non-finite" at every call once a
+  fits failed" (its rows are then dropped from the results) whose details give each distinct traceback after a
+  line of dashes; and `_format_results` warns "One or more of the test scores are non-finite" at every call once a
   candidate has failed.
 
 `fit` also ships the search object itself with every fit task (as `caller`); the search keeps that payload small
@@ -37,6 +41,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import sklearn
+from scipy.stats import rankdata
 from sklearn.utils.metadata_routing import get_routing_for_object
 
 try:
@@ -59,10 +64,13 @@ __all__ = [
     "Interval",
     "StrOptions",
     "all_fits_failed",
+    "exception_line",
     "failed_fit_like",
-    "failed_on_every_fold",
+    "failed_fits",
     "failure_summary",
+    "first_fit_error",
     "fit_context",
+    "rank_failed_last",
     "silenced_fitting_line",
     "silenced_non_finite_warning",
     "with_failed_candidates",
@@ -77,6 +85,8 @@ ALL_FITS_FAILED = re.compile(r"All the \d+ fits failed")
 NON_FINITE_WARNING = r"One or more of the (test|train) scores are non-finite"
 _DETAILS = "Below are more details about the failures:"
 _DELIMITER = re.compile(r"-{20,}\n")
+_FRAME = re.compile(r'^\s*File "')
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: |$)")  # "ValueError: ...", "mod.CustomError: ...", "KeyError"
 
 
 def all_fits_failed(err: BaseException) -> bool:
@@ -84,29 +94,69 @@ def all_fits_failed(err: BaseException) -> bool:
     return isinstance(err, ValueError) and ALL_FITS_FAILED.search(str(err)) is not None
 
 
+def exception_line(traceback_text: str) -> str:
+    """The line naming the exception in a formatted traceback (a `fit_error` of `out`), "SomeError: message".
+
+    It is the first unindented line after the last frame (`File "...", line N`): chained exceptions print their
+    tracebacks one after the other, so the last frame belongs to the error that was raised, and the message may
+    go on over more lines after it (scikit-learn's "Complex data not supported" quotes the data). Text without
+    frames gives its last line that looks like "SomeError: message", else its last line.
+    """
+    lines = [ln for ln in traceback_text.strip().splitlines() if ln.strip()]
+    frames = [i for i, ln in enumerate(lines) if _FRAME.match(ln)]
+    if frames:
+        # Skip the frame's source line (and 3.11's ^^^ markers), both indented.
+        line = next((ln for ln in lines[frames[-1] + 1 :] if not ln[0].isspace()), None)
+        if line is not None:
+            return line.strip()
+    named = [ln.strip() for ln in lines if _EXCEPTION_LINE.match(ln)]
+    return named[-1] if named else (lines[-1].strip() if lines else "")
+
+
 def failure_summary(err: BaseException) -> str:
-    """The last line of each distinct traceback in a "fits failed" message, e.g. "ValueError: block=99 is out of
-    range ...", joined by " | " (the whole message when it has no details)."""
+    """The exception line (see `exception_line`) of each distinct traceback in a "fits failed" message, e.g.
+    "ValueError: block=99 is out of range ...", joined by " | " (the whole message when it has no details)."""
     text = str(err)
     _, _, details = text.partition(_DETAILS)
     lines: list[str] = []
     for chunk in _DELIMITER.split(details):
-        tail = [ln.strip() for ln in chunk.strip().splitlines() if ln.strip()]
-        if tail and tail[-1] not in lines:
-            lines.append(tail[-1])
+        line = exception_line(chunk) if chunk.strip() else ""
+        if line and line not in lines:
+            lines.append(line)
     return " | ".join(lines) if lines else text.strip()
 
 
-def failed_on_every_fold(out: list[dict], n_candidates: int, n_splits: int) -> np.ndarray:
-    """For each of the last `n_candidates` candidates in `out`, whether every one of its fits failed."""
+def first_fit_error(out: list[dict]) -> str | None:
+    """The exception line of the first failed fit in `out`, or None when no fit failed."""
+    return next((exception_line(f["fit_error"]) for f in out if f["fit_error"] is not None), None)
+
+
+def failed_fits(out: list[dict], n_candidates: int, n_splits: int) -> np.ndarray:
+    """For each of the last `n_candidates` candidates in `out`, how many of its `n_splits` fits failed."""
     fits = out[len(out) - n_candidates * n_splits :]
     return np.array(
-        [
-            all(f["fit_error"] is not None for f in fits[i * n_splits : (i + 1) * n_splits])
-            for i in range(n_candidates)
-        ],
-        dtype=bool,
+        [sum(f["fit_error"] is not None for f in fits[i * n_splits : (i + 1) * n_splits]) for i in range(n_candidates)],
+        dtype=int,
     )
+
+
+def rank_failed_last(results: dict, failed: np.ndarray) -> dict:
+    """Make the candidates in `failed` (a bool per row) rank last, tied, in every `rank_test_<metric>` of the
+    results dict, whatever their mean (a numeric `error_score` may exceed every real score); `results` is updated
+    in place and returned.
+
+    scikit-learn ranks by mean score alone, NaN last: `rankdata(-mean, "min")` as int32, NaN taken as one below
+    the lowest mean. The others keep that rank among themselves; with NaN `error_score` nothing changes.
+    `BaseSearchCV.fit` then picks `best_index_` as the argmin of `rank_test_<refit metric>`.
+    """
+    for key in [k for k in results if k.startswith("rank_test_")]:
+        means = np.where(failed, np.nan, np.asarray(results[f"mean_test_{key[len('rank_test_'):]}"], dtype=float))
+        if np.isnan(means).all():
+            results[key] = np.ones(len(means), dtype=np.int32)
+        else:
+            filled = np.nan_to_num(means, nan=np.nanmin(means) - 1)
+            results[key] = rankdata(-filled, method="min").astype(np.int32, copy=False)
+    return results
 
 
 def with_failed_candidates(
@@ -132,6 +182,23 @@ def failed_fit_like(template: dict, error: str, error_score) -> dict:
         if key in fit:
             fit[key] = dict.fromkeys(fit[key], error_score) if isinstance(fit[key], dict) else error_score
     return fit
+
+
+def warn_non_finite(results: dict, stacklevel: int) -> None:
+    """One warning for a whole search that counts its candidates with non-finite scores, where
+    `_format_results` warns at every call once one has failed (see `silenced_non_finite_warning`). `stacklevel` is
+    `warnings.warn`'s, counted from here."""
+    keys = [k for k in results if k.startswith(("mean_test_", "mean_train_"))]
+    bad = {k: ~np.isfinite(np.asarray(results[k], dtype=float)) for k in keys}
+    rows = np.logical_or.reduce(list(bad.values()))
+    if rows.any():
+        warnings.warn(
+            f"{int(rows.sum())} of {rows.size} evaluated candidates have non-finite scores (failed fits or nan "
+            f"scores) in {[k for k in keys if bad[k].any()]}, e.g. {results['params'][int(np.argmax(rows))]}; "
+            "see cv_results_.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 @contextlib.contextmanager

@@ -1,15 +1,18 @@
 """Sharded, resumable extraction into a feature store, in this process or on a Dask cluster.
 
-Extraction is a set of idempotent shard tasks: each runs the extractor on a slice of the inputs and appends its
+Extraction is a set of idempotent shard tasks: each runs the extractor on a shard of the inputs and appends its
 own segments to the store, skipping samples already stored. Run in this process (one device) or with a
 ``dask.distributed.Client`` (one worker per GPU, many machines). A task carries the extractor's parameters and
-its slice of the inputs, never the weights: each worker loads the model once and keeps it for every shard it
-runs. A worker lost mid-shard has its task rerun elsewhere by Dask, and since tasks skip what is stored, the
-result is that of an uninterrupted run. Searches then read the store without a GPU.
+its shard's descriptor (see :mod:`sklearn_difffeat.sources`: a slice of a list, or a few bytes naming a tar range,
+a parquet row range, a dataset row range, which the worker reads itself), never the weights: each worker loads
+the model once and keeps it for every shard it runs. A worker lost mid-shard has its task rerun elsewhere by
+Dask, and since tasks skip what is stored, the result is that of an uninterrupted run. Searches then read the
+store without a GPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +22,10 @@ from sklearn.base import clone
 
 from .extractors import BaseDiffusionFeatureExtractor, DiTFeatureExtractor, TransformReport, open_store
 from .manifest import ManifestWriter, default_manifest_path
+from .sources import Shard, as_source
 from .store import KEY_LENGTH, FeatureStore
 
-__all__ = ["ExtractionResult", "extract", "shard_ids"]
+__all__ = ["ExtractionResult", "extract"]
 
 
 @dataclass
@@ -34,7 +38,10 @@ class ExtractionResult:
     store : FeatureStore
     keys : (n,) array of the inputs' content keys, in input order.
     computed, already_stored : numbers of samples that needed the model, and that the store already held.
-    failed : {input position: reason} for inputs that could not be read (their feature rows are NaN).
+    failed : {input position: reason} for inputs that could not be read (their feature rows are NaN); each reason
+        starts with the input's id.
+    ids : (n,) object array of str: each input's id (a path, ``shard.tar/key``, ``table.parquet#row``, or the
+        position), in input order.
     manifest : Path or None
         The manifest of the run (each input's id, key and status; see :meth:`export`), or None without one.
     """
@@ -45,6 +52,7 @@ class ExtractionResult:
     computed: int = 0
     already_stored: int = 0
     failed: dict = field(default_factory=dict)
+    ids: np.ndarray | None = None
     manifest: Path | None = None
 
     def features(self) -> np.ndarray:
@@ -78,16 +86,19 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
     extractor : DiTFeatureExtractor or TextDiffusionFeatureExtractor
         Its parameters say what to extract (model, blocks, timesteps, ...). On a cluster the model must be named
         (hub id, folder, ``embedded:NAME``) so that workers load it themselves.
-    inputs : sequence of samples
-        Image file paths, arrays, PIL images, or texts, as the extractor's ``transform`` takes them. On a
-        cluster, prefer file paths: each task then carries paths, and workers read the files.
+    inputs : sequence of samples, Hugging Face dataset column, or Source
+        Image file paths, encoded image bytes, arrays, PIL images, or texts, as the extractor's ``transform``
+        takes them; a ``datasets.Dataset`` column (``ds["image"]``, read a shard at a time); or a source from
+        :mod:`sklearn_difffeat.sources` (webdataset tar shards, parquet columns). A task carries a slice of a
+        sequence, so on a cluster prefer paths or a source: its tasks carry a few bytes and workers read the data.
     store : str, path-like or None
         The store folder. None uses the extractor's ``cache``.
     client : dask.distributed.Client or None
         None runs the shards here, one after the other. With a client, shards run on its workers (use one worker
         and one thread per GPU, e.g. dask-cuda's ``LocalCUDACluster``).
     shard_size : int, default=2048
-        Samples per task. A lost task recomputes at most its unfinished segment.
+        Samples per task (a task holds about this many samples in memory). A lost task recomputes at most its
+        unfinished segment.
     progress : bool, default=True
         A progress bar over samples.
     retries : int, default=2
@@ -100,7 +111,7 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
     Returns
     -------
     ExtractionResult
-        Counts, unreadable inputs (listed, not raised: one bad file does not stop the run) and
+        Counts, input ids, unreadable inputs (listed by id, not raised: one bad file does not stop the run) and
         :meth:`ExtractionResult.features` to read the features back in input order.
     """
     from tqdm.auto import tqdm
@@ -116,66 +127,47 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
     extractor = clone(extractor).set_params(cache=os.fspath(folder), verbose=0)
-    n = len(inputs)
+    modality = "images" if isinstance(extractor, DiTFeatureExtractor) else "texts"
+    source = as_source(inputs, modality)
+    if source.modality not in (None, modality):
+        raise ValueError(f"The inputs are {source.modality}, but {type(extractor).__name__} takes {modality}.")
+    shards = source.shards(shard_size)
+    n = sum(shard.size for shard in shards)
     if n == 0:
         raise ValueError("No inputs given (0 samples).")
-    shards = [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
     keys = np.empty(n, dtype=f"S{KEY_LENGTH}")
-    result = ExtractionResult(extractor=extractor, store=open_store(folder), keys=keys)
+    result = ExtractionResult(extractor=extractor, store=open_store(folder), keys=keys,
+                              ids=np.empty(n, dtype=object))
     bar = tqdm(total=n, disable=not progress, desc="extract", unit="sample")
-    paths = isinstance(extractor, DiTFeatureExtractor)  # image inputs given as strings are paths; texts are not
     with bar:
         if client is not None and not isinstance(extractor.model, (str, os.PathLike)):
             raise ValueError("On a Dask cluster the model must be a hub id, a folder or 'embedded:NAME', so "
                              "that each worker loads it; modules in memory would travel in every task.")
         extractor.fit()  # check the parameters here, before any shard runs
-        writer = _manifest_writer(manifest, extractor, folder, n)
+        writer = None if manifest is False else ManifestWriter(
+            default_manifest_path(folder) if manifest is None else Path(manifest), extractor, folder, n)
         if client is None:
-            for start, stop in shards:
-                report = _run_shard(extractor, _slice(inputs, start, stop))
-                _collect(result, start, report, bar, writer, shard_ids(inputs, start, stop, paths=paths))
+            for shard in shards:
+                _collect(result, shard.start, _run_shard(extractor, shard), bar, writer)
         else:
             from dask.distributed import as_completed
 
             futures = {
-                client.submit(_run_shard, extractor, _slice(inputs, start, stop), pure=False, retries=retries,
-                              key=f"difffeat-shard-{start}-{os.urandom(4).hex()}"): (start, stop)
-                for start, stop in shards
+                client.submit(_run_shard, extractor, shard, pure=False, retries=retries,
+                              key=f"difffeat-shard-{shard.start}-{os.urandom(4).hex()}"): shard.start
+                for shard in shards
             }
             for future in as_completed(futures):
-                start, stop = futures[future]
-                _collect(result, start, future.result(), bar, writer, shard_ids(inputs, start, stop, paths=paths))
+                _collect(result, futures[future], future.result(), bar, writer)
                 future.release()
         result.manifest = writer.finish() if writer is not None else None
     bar.set_postfix_str(result.summary())
     return result
 
 
-def shard_ids(inputs, start: int, stop: int, *, paths: bool = True) -> list[str]:
-    """The manifest ids of ``inputs[start:stop]``: a file input's path (when ``paths``: strings are file paths,
-    not texts), else the input's position."""
-    items = _slice(inputs, start, stop)
-    if hasattr(items, "iloc"):  # a Series, or a one-column DataFrame
-        items = (items.iloc[:, 0] if items.ndim == 2 else items).to_numpy()
-    return [os.fspath(item) if paths and isinstance(item, (str, os.PathLike)) else str(start + i)
-            for i, item in enumerate(items)]
-
-
-def _manifest_writer(manifest, extractor, store, n: int) -> ManifestWriter | None:
-    if manifest is False:
-        return None
-    path = default_manifest_path(store) if manifest is None else Path(manifest)
-    return ManifestWriter(path, extractor, store, n)
-
-
-def _slice(inputs, start, stop):
-    if hasattr(inputs, "iloc"):
-        return inputs.iloc[start:stop]
-    return inputs[start:stop]
-
-
-def _run_shard(extractor, inputs) -> TransformReport:
-    """One task: extract a shard into the store (skipping what is stored); return the work report."""
+def _run_shard(extractor, shard: Shard) -> tuple[TransformReport, list]:
+    """One task: read a shard and extract it into the store (skipping what is stored); return the work report
+    over the whole shard (positions in the shard) and the shard's input ids."""
     import multiprocessing
 
     if multiprocessing.current_process().daemon and extractor.num_workers != 0:
@@ -184,16 +176,34 @@ def _run_shard(extractor, inputs) -> TransformReport:
         extractor.set_params(num_workers=0)
     if not hasattr(extractor, "n_features_out_"):
         extractor = extractor.fit()
-    _, report = extractor.transform_with_report(inputs, on_error="record")
-    return report
+    items, ids, unreadable = shard.read()
+    # Samples the source could not produce have no content: a key of their own (never stored) keeps their rows NaN.
+    report = TransformReport(keys=np.array([_unreadable_key(i) for i in ids], dtype=f"S{KEY_LENGTH}"),
+                             failed=dict(unreadable), from_store=np.zeros(len(ids), dtype=bool))
+    good = [i for i in range(len(ids)) if i not in unreadable]
+    if good:
+        inputs = items if len(good) == len(ids) else [items[i] for i in good]
+        _, done = extractor.transform_with_report(inputs, on_error="record")
+        report.keys[good] = done.keys
+        report.computed, report.stored = done.computed, done.stored
+        report.from_store[good] = done.from_store
+        report.failed.update({good[p]: message for p, message in done.failed.items()})
+    return report, ids
 
 
-def _collect(result: ExtractionResult, start: int, report: TransformReport, bar, manifest=None, ids=()) -> None:
+def _unreadable_key(input_id: str) -> bytes:
+    return hashlib.sha256(f"unreadable:{input_id}".encode()).hexdigest()[:KEY_LENGTH].encode("ascii")
+
+
+def _collect(result: ExtractionResult, start: int, shard_result: tuple[TransformReport, list], bar,
+             manifest: ManifestWriter | None = None) -> None:
+    report, ids = shard_result
     stop = start + len(report.keys)
     result.keys[start:stop] = report.keys
+    result.ids[start:stop] = ids
     result.computed += report.computed
     result.already_stored += report.stored
-    result.failed.update({start + p: message for p, message in report.failed.items()})
+    result.failed.update({start + p: f"{ids[p]}: {message}" for p, message in sorted(report.failed.items())})
     if manifest is not None:
         manifest.add(start, ids, report)
     bar.update(stop - start)

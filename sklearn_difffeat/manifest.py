@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +39,10 @@ MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("position", pa.int64()), ("ke
 
 
 def default_manifest_path(store, name: str = "extract") -> Path:
-    """``<store>/.manifests/<name>-<UTC time>.parquet``, made unique with a counter if that name is taken."""
+    """``<store>/.manifests/<name>-<UTC time>.parquet``, made unique with a counter if that name is taken.
+
+    ``name`` keeps only letters, digits, ``.``, ``_`` and ``-`` (an input such as ``{000..099}.tar``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "extract"
     folder = Path(store) / ".manifests"  # a hidden folder: the store takes every other folder for a namespace
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path, count = folder / f"{name}-{stamp}.parquet", 1

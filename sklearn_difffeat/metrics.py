@@ -13,18 +13,23 @@ follow ML-GCN / ASL / C-Tran:
   highest scores whatever their value. Ties are broken towards the lower label index.
 * Every 0/0 counts as 0 (a class never predicted has precision 0), so the C* averages run over all classes.
 
-The scorers work for multi-label (2-D indicator y) and single-label (1-D y) estimators; 1-D y is one-hot
-encoded against ``estimator.classes_``.
+The scorers work for multi-label (2-D indicator y, dense or scipy sparse) and single-label (1-D y) estimators;
+1-D y is one-hot encoded against ``estimator.classes_``. Every metric and scorer reads a scipy sparse ``Y_true``
+(converted to dense once; its stored values must be 0 or 1) and refuses missing values (NaN, None, ``pd.NA``).
 """
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 
 import numpy as np
+import scipy.sparse as sp
 from numpy.typing import ArrayLike
 from sklearn.metrics import average_precision_score
+
+from ._target_arrays import target_array
 
 __all__ = [
     "SCORERS",
@@ -37,9 +42,12 @@ __all__ = [
 
 
 def _check_pair(Y_true, Y_score):
-    """Return (Y_true, Y_score) as 2-D float arrays of equal shape; 1-D inputs become one column."""
-    Y_true = np.asarray(Y_true)
-    Y_score = np.asarray(Y_score, dtype=np.float64)
+    """Return (Y_true, Y_score) as 2-D arrays of equal shape (int64 and float64); 1-D inputs become one column.
+
+    Either may be a scipy sparse matrix or array; pandas objects with nullable dtypes are read too.
+    """
+    Y_true = target_array(Y_true, "Y_true")
+    Y_score = np.asarray(Y_score.toarray() if sp.issparse(Y_score) else Y_score, dtype=np.float64)
     if Y_true.ndim == 1:
         Y_true = Y_true[:, None]
     if Y_score.ndim == 1:
@@ -52,10 +60,27 @@ def _check_pair(Y_true, Y_score):
         raise ValueError("Y_true is empty.")
     if not np.all(np.isfinite(Y_score)):
         raise ValueError("Y_score contains NaN or infinity.")
-    values = np.unique(Y_true)
-    if not np.all(np.isin(values, [0, 1])):
-        raise ValueError(f"Y_true must be a 0/1 indicator matrix; found values {values[:10].tolist()}.")
+    # Elementwise == rather than np.unique: an object array mixing types cannot be sorted.
+    bad = ~((Y_true == 0) | (Y_true == 1))
+    if bad.any():
+        found = list(dict.fromkeys(Y_true[bad].tolist()))[:10]
+        raise ValueError(f"Y_true must be a 0/1 indicator matrix; found values {found}.")
     return Y_true.astype(np.int64), Y_score
+
+
+def _check_threshold(threshold):
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real) or np.isnan(threshold):
+        raise ValueError(f"threshold must be a real number (not NaN or a boolean); got {threshold!r}.")
+
+
+def _check_top_k(top_k):
+    """top_k as an int, or None; booleans are not counts."""
+    if top_k is None:
+        return None
+    counts = isinstance(top_k, numbers.Real) and not isinstance(top_k, (bool, np.bool_))
+    if not counts or not float(top_k).is_integer() or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer (a count; booleans are not counts) or None; got {top_k!r}.")
+    return int(top_k)
 
 
 def mean_average_precision(Y_true: ArrayLike, Y_score: ArrayLike) -> float:
@@ -63,7 +88,8 @@ def mean_average_precision(Y_true: ArrayLike, Y_score: ArrayLike) -> float:
 
     Parameters
     ----------
-    Y_true : array of shape (n_samples, n_classes), 0/1 indicators (1-D: a single class).
+    Y_true : array or scipy sparse matrix of shape (n_samples, n_classes), 0/1 indicators (1-D: a single
+        class). Missing values (NaN, None, pd.NA) raise a ``ValueError``.
     Y_score : array of the same shape, higher = more likely (probabilities or logits).
 
     Returns
@@ -142,11 +168,11 @@ def multilabel_report(
 
     Parameters
     ----------
-    Y_true : array of shape (n_samples, n_classes), 0/1 indicators.
+    Y_true : array or scipy sparse matrix of shape (n_samples, n_classes), 0/1 indicators.
     Y_score : array of the same shape (probabilities when ``threshold=0.5``; use ``threshold=0`` for logits).
-    threshold : float, a label is predicted when its score is >= threshold.
+    threshold : float, a label is predicted when its score is >= threshold (NaN is refused).
     top_k : int or None. When an int, also report ``CP_top{k}`` ... ``OF1_top{k}``, where each sample
-        predicts at most its k highest-scoring labels. None skips the top-k keys.
+        predicts at most its k highest-scoring labels. None skips the top-k keys. A boolean is refused.
     top_k_threshold : bool, keyword only. True (ML-GCN convention): a top-k label must also score
         >= threshold. False: the k highest scores are predicted whatever their value.
 
@@ -174,14 +200,13 @@ def multilabel_report(
     >>> one["OR"], one["OR_top1"]
     (1.0, 0.5)
     """
+    _check_threshold(threshold)
+    top_k = _check_top_k(top_k)
     Y_true, Y_score = _check_pair(Y_true, Y_score)
     report = {"mAP": mean_average_precision(Y_true, Y_score)}
     above = Y_score >= threshold
     report.update(_prf_from_predictions(Y_true, above.astype(np.int64)))
     if top_k is not None:
-        if int(top_k) != top_k or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer or None; got {top_k!r}.")
-        top_k = int(top_k)
         pred = _top_k_mask(Y_score, top_k)
         if top_k_threshold:
             pred &= above
@@ -202,7 +227,7 @@ def multilabel_report(
 
 def _indicator_targets(estimator, y, n_columns):
     """y as a (n, n_columns) 0/1 matrix matching the columns of the estimator's scores."""
-    y = np.asarray(y)
+    y = target_array(y, "y_true")
     if y.ndim == 2 and y.shape[1] == 1 and n_columns != 1:
         y = y.ravel()
     if y.ndim == 2:

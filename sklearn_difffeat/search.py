@@ -32,11 +32,14 @@ from ._sklearn_compat import (
     Interval,
     StrOptions,
     all_fits_failed,
-    failed_on_every_fold,
+    failed_fits,
     failure_summary,
+    first_fit_error,
     fit_context,
+    rank_failed_last,
     silenced_fitting_line,
     silenced_non_finite_warning,
+    warn_non_finite,
     with_failed_candidates,
 )
 from .search_priors import DiffFeatPriors, SearchPriors
@@ -87,8 +90,9 @@ class BlockTimestepSearchCV(BaseSearchCV):
     scoring, refit, n_jobs, pre_dispatch, error_score, return_train_score
         As in `GridSearchCV`. With multi-metric scoring, `refit` must name the metric to climb.
         For multi-label indicator targets, `scoring=None` means mean average precision
-        (`sklearn_difffeat.metrics.map_scorer`). A candidate whose fits all fail never counts as an
-        improvement, whatever `error_score`; with `error_score="raise"` the first failure raises.
+        (`sklearn_difffeat.metrics.map_scorer`). A candidate with a failed fit (on any fold) or a NaN score
+        never counts as an improvement and ranks last, whatever `error_score`; when every candidate is such,
+        `fit` raises. With `error_score="raise"` the first failure raises.
     cv : int, cross-validation generator or iterable, default=5
         As in `GridSearchCV`, except that an int with multi-label indicator targets means
         `KFold(cv, shuffle=True, random_state=random_state)`. Splits are computed once per `fit` and shared by
@@ -250,8 +254,13 @@ class BlockTimestepSearchCV(BaseSearchCV):
             return super()._format_results(candidate_params, n_splits, out, more_results)
         state.formatted = (candidate_params, n_splits, out, more_results)
         with silenced_non_finite_warning():  # said once, at the end of the search, instead of at every step
-            state.results = super()._format_results(candidate_params, n_splits, out, more_results)
+            state.results = self._ranked(super()._format_results(candidate_params, n_splits, out, more_results))
         return state.results
+
+    def _ranked(self, results):
+        """`results` with each candidate that has a failed fit ranked last, whatever `error_score`."""
+        _, n_splits, out, _ = self._fit_state.formatted
+        return rank_failed_last(results, failed_fits(out, len(out) // n_splits, n_splits) > 0)
 
     def _climb_metric(self, results):
         if isinstance(self.refit, str) and f"mean_test_{self.refit}" in results:
@@ -314,8 +323,8 @@ class BlockTimestepSearchCV(BaseSearchCV):
         return None
 
     def _evaluate(self, climb, points):
-        """Score `points` in one `evaluate_candidates` call, as the climbed metric; -inf for a candidate that failed
-        on every fold or scored nan, so that it never wins."""
+        """Score `points` in one `evaluate_candidates` call, as the climbed metric; -inf for a candidate with a failed
+        fit (on any fold, whatever `error_score`) or a nan score, so that it never wins."""
         state, step, n = self._fit_state, climb.step, len(points)
         candidates = [climb.candidate(p) for p in points]
         climb.progress.plan(n, step)
@@ -331,7 +340,7 @@ class BlockTimestepSearchCV(BaseSearchCV):
         else:
             new = np.asarray(results[f"mean_test_{self._climb_metric(results)}"][-n:], dtype=float)
             _, n_splits, out, _ = state.formatted
-            new = np.where(np.isnan(new) | failed_on_every_fold(out, n, n_splits), -np.inf, new)
+            new = np.where(np.isnan(new) | (failed_fits(out, n, n_splits) > 0), -np.inf, new)
         climb.scores.update(zip(points, new.tolist()))
         return new
 
@@ -363,14 +372,15 @@ class BlockTimestepSearchCV(BaseSearchCV):
         """
         state = self._fit_state
         with silenced_non_finite_warning():
-            rows = with_failed_candidates(state.formatted, candidates, error, self.error_score,
-                                          {"search_step": [step] * len(candidates)})
-            fresh = super()._format_results(*rows)
+            state.formatted = with_failed_candidates(state.formatted, candidates, error, self.error_score,
+                                                     {"search_step": [step] * len(candidates)})
+            fresh = self._ranked(super()._format_results(*state.formatted))
         state.results.clear()
         state.results.update(fresh)
 
     def _finish(self, climb, reason):
-        self._warn_non_finite(self._fit_state.results)
+        climb.check_some_score(first_fit_error(self._fit_state.formatted[2]))
+        warn_non_finite(self._fit_state.results, stacklevel=5)
         climb.path[-1]["stopped"] = reason
         self.stopped_reason_ = reason
         self.n_evaluations_ = len(climb.scores)
@@ -381,18 +391,3 @@ class BlockTimestepSearchCV(BaseSearchCV):
         """A line of the `verbose >= 2` log."""
         if self.verbose >= 2:
             print(f"[BlockTimestepSearchCV] {message}")
-
-    @staticmethod
-    def _warn_non_finite(results):
-        """One warning for the whole search, where scikit-learn would warn at every step after a failure."""
-        keys = [k for k in results if k.startswith(("mean_test_", "mean_train_"))]
-        bad = {k: ~np.isfinite(np.asarray(results[k], dtype=float)) for k in keys}
-        rows = np.logical_or.reduce(list(bad.values()))
-        if rows.any():
-            warnings.warn(
-                f"{int(rows.sum())} of {rows.size} evaluated candidates have non-finite scores (failed fits or nan "
-                f"scores) in {[k for k in keys if bad[k].any()]}, e.g. {results['params'][int(np.argmax(rows))]}; "
-                "see cv_results_.",
-                UserWarning,
-                stacklevel=4,
-            )

@@ -6,20 +6,34 @@ real where the OS allows it (a file-size limit in a subprocess). Sections group 
 that must withstand them.
 """
 
+import copy
 import errno
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import GridSearchCV
+from sklearn.multiclass import OneVsRestClassifier
 
 import sklearn_difffeat.store as store_package
+from sklearn_difffeat import FusionClassifier
+from sklearn_difffeat.backbones import module_fingerprint
+from sklearn_difffeat.metrics import SCORERS, mean_average_precision, multilabel_report
+from sklearn_difffeat.search import BlockTimestepSearchCV
 from sklearn_difffeat.store import FeatureStore, StoreWriteError, _format
+
+from search_estimators import Breaks, Table
 
 
 def keys(*ids):
@@ -370,3 +384,184 @@ def test_concurrent_identity_writers_never_expose_a_partial_record(tmp_path):
     assert [p.wait() for p in procs] == [0, 0, 0]
     assert store.lookup_identity({"model": "m"})["fingerprint"] in ("a", "b", "c")
     assert sorted(p.name.startswith(".") for p in (tmp_path / ".identities").iterdir()) == [False] * 3
+
+
+# ---- metrics, search and fingerprints --------------------------------------------------------------------------
+def _picky_data(n=8):
+    return np.arange(n, dtype=float).reshape(-1, 1), np.zeros(n)
+
+
+class FoldBreaks(Table):
+    """Score = table[x]; fitting an x listed in `broken` raises on the training folds that hold row 0 only."""
+
+    def __init__(self, x=0, table=(0.0,), broken=()):
+        super().__init__(x=x, table=table)
+        self.broken = broken
+
+    def fit(self, X, y=None):
+        if self.x in self.broken and 0.0 in np.asarray(X)[:, 0]:
+            raise ValueError(f"x={self.x} cannot fit row 0")
+        return self
+
+
+def _nan_scorer(estimator, X, y):
+    return float("nan")
+
+
+@pytest.mark.filterwarnings("ignore:.*evaluated candidates have non-finite scores")
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.parametrize("to_sparse", [sp.csr_matrix, sp.csc_matrix, sp.csr_array, sp.csc_array, sp.coo_array])
+def test_sparse_targets_score_and_a_search_without_any_score_raises(to_sparse):
+    """Fault: a scipy sparse indicator Y (which FusionClassifier and OneVsRestClassifier accept). Every metric and
+    scorer gives what it gives on the dense Y, so a search over it finds the same best candidate; a sparse Y with a
+    value other than 0/1 is refused; and a search whose candidates all fail or score NaN raises, naming how many
+    candidates and the first error (or that all scores were NaN), instead of returning best_score_ = nan."""
+    rng = np.random.RandomState(0)
+    X = rng.randn(60, 5)
+    Y = (X[:, :3] + 0.5 * rng.randn(60, 3) > 0).astype(int)
+    S = rng.rand(60, 3)
+    model = OneVsRestClassifier(LogisticRegression()).fit(X, Y)
+    for metric in (mean_average_precision, lambda a, b: multilabel_report(a, b, top_k=2)):
+        assert metric(to_sparse(Y), S) == metric(Y, S)
+    for scorer in SCORERS.values():
+        assert scorer(model, X, to_sparse(Y)) == scorer(model, X, Y)
+    with pytest.raises(ValueError, match=r"Y_true is a sparse matrix, .* stores the values \[2\]"):
+        mean_average_precision(to_sparse(np.where(Y == 1, 2, 0)), S)
+    grid = {"estimator__C": [0.01, 0.1, 1.0]}
+    kw = dict(cv=3, priors=None, random_state=0)
+    dense = BlockTimestepSearchCV(OneVsRestClassifier(LogisticRegression()), grid, **kw).fit(X, Y)
+    found = BlockTimestepSearchCV(OneVsRestClassifier(LogisticRegression()), grid, **kw).fit(X, to_sparse(Y))
+    assert np.isfinite(found.best_score_) and found.best_score_ == dense.best_score_
+    assert found.best_params_ == dense.best_params_
+    # Nothing to pick: every candidate scores NaN, or every candidate fails on one fold of two.
+    with pytest.raises(ValueError, match=r"None of the 3 evaluated candidates .*all scores were NaN\. Check"):
+        BlockTimestepSearchCV(Table(table=(1.0, 2.0, 3.0)), {"x": range(3)}, scoring=_nan_scorer, cv=2,
+                              priors=None).fit(*_picky_data())
+    with pytest.raises(ValueError, match=r"None of the 3 evaluated .*first error: ValueError: x=\d cannot fit row 0"):
+        BlockTimestepSearchCV(FoldBreaks(table=(1.0, 2.0, 3.0), broken=(0, 1, 2)), {"x": range(3)}, cv=2,
+                              priors=None).fit(*_picky_data())
+
+
+def _twice(estimator, X, y):
+    return 2 * estimator.score(X, y)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.filterwarnings("ignore:.*evaluated candidates have non-finite scores")
+@pytest.mark.filterwarnings("ignore:One or more of the (test|train) scores are non-finite")  # GridSearchCV's
+@pytest.mark.parametrize("scoring", [None, {"land": _twice, "half": lambda e, X, y: e.score(X, y) / 2}])
+@pytest.mark.parametrize("breaks", [Breaks, FoldBreaks], ids=["fails_on_every_fold", "fails_on_one_fold"])
+def test_a_failed_candidate_never_wins_whatever_error_score(breaks, scoring):
+    """Fault: a numeric error_score above every real score (1.0 here, real scores 0 to 0.5), on a candidate that
+    fails on every fold or on one fold. It ranks last in every rank_test_* column, so best_index_, best_params_,
+    best_score_ and the refit are the best candidate that fitted; the rows keep GridSearchCV's columns and
+    scores, and the ranks are GridSearchCV's with error_score=nan (which ranks failures last)."""
+    est = breaks(table=(0.0, 0.5, 0.2), broken=(2,))
+    refit = True if scoring is None else "land"
+    s = BlockTimestepSearchCV(est, {"x": range(3)}, cv=2, priors=None, error_score=1.0, scoring=scoring,
+                              refit=refit).fit(*_picky_data())
+    assert s.best_params_ == {"x": 1} and s.best_estimator_.x == 1
+    assert s.best_score_ == pytest.approx(0.5 * (1 if scoring is None else 2))
+    ref = GridSearchCV(est, {"x": range(3)}, cv=2, error_score=1.0, scoring=scoring, refit=False).fit(*_picky_data())
+    ranked = GridSearchCV(est, {"x": range(3)}, cv=2, error_score=np.nan, scoring=scoring, refit=False)
+    ranked.fit(*_picky_data())
+    assert set(s.cv_results_) - {"search_step"} == set(ref.cv_results_)
+    order = [p["x"] for p in s.cv_results_["params"]]
+    for metric in ["score"] if scoring is None else list(scoring):
+        for key in (f"mean_test_{metric}", f"split0_test_{metric}", f"split1_test_{metric}"):
+            np.testing.assert_array_equal(s.cv_results_[key], ref.cv_results_[key][order], err_msg=key)
+        key = f"rank_test_{metric}"
+        np.testing.assert_array_equal(s.cv_results_[key], ranked.cv_results_[key][order], err_msg=key)
+        assert s.cv_results_[key][order.index(2)] == 3
+        assert s.cv_results_[key].dtype == ref.cv_results_[key].dtype
+
+
+def _tiny_dit(seed):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_layers=1, num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                 out_channels=8, patch_size=2, sample_size=8, num_embeds_ada_norm=10)
+
+
+def _tiny_ddit(seed):
+    from sklearn_difffeat.backbones.mdlm import DDiTConfig, DDiTModel
+
+    torch.manual_seed(seed)
+    return DDiTModel(DDiTConfig(vocab_size=50, model_length=16, hidden_dim=32, cond_dim=16, n_blocks=1, n_heads=4))
+
+
+@pytest.mark.parametrize("build", [_tiny_dit, _tiny_ddit], ids=["dit", "ddit"])
+def test_the_model_fingerprint_covers_every_weight(build):
+    """Fault: two checkpoints of one architecture that differ in a single weight element, one the former
+    fingerprint's stride (about 256 values per tensor) skipped. Their fingerprints differ; rebuilding the same
+    weights gives the same fingerprint, and so does a copy; the same values in another dtype do not."""
+    model = build(seed=0)
+    assert module_fingerprint(model) == module_fingerprint(build(seed=0)) == module_fingerprint(copy.deepcopy(model))
+    before = module_fingerprint(model)
+    name, weight = max(model.state_dict().items(), key=lambda item: item[1].numel())
+    step = weight.numel() // 256  # the former sample read flat[::step]
+    assert step >= 2, f"{name} is too small to have elements off the former sample"
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.state_dict()[name].view(-1)[step + 1] += 1.0
+    assert (step + 1) % step != 0  # not a sampled element
+    assert module_fingerprint(changed) != before
+    assert module_fingerprint(copy.deepcopy(model).to(torch.float64)) != before
+
+
+def _axis_error(axis):
+    return lambda: BlockTimestepSearchCV(Table(table=(0.0, 1.0, 2.0)), {"x": axis}, cv=2).fit(*_picky_data())
+
+
+def _nullable_targets():
+    return pd.DataFrame({"a": pd.array([1, None, 0, 1], dtype="Int64"), "b": pd.array([0, 1, 1, 0], dtype="Int64")})
+
+
+_SCORES = np.array([[0.9, 0.2], [0.8, 0.4], [0.3, 0.6], [0.1, 0.7]])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: FusionClassifier(max_epochs=1).fit(np.zeros((4, 3)), _nullable_targets()),
+         r"^y has 1 missing value\(s\) \(NaN, None or pd.NA\), the first at row 1, column 0"),
+        (lambda: mean_average_precision(_nullable_targets(), _SCORES), r"^Y_true has 1 missing value\(s\)"),
+        (lambda: multilabel_report(_nullable_targets(), _SCORES), r"^Y_true has 1 missing value\(s\)"),
+        (lambda: mean_average_precision(np.array([[1, 0], [None, 1], [0, 1], [1, 1]], dtype=object), _SCORES),
+         r"^Y_true has 1 missing value\(s\) .* row 1, column 0"),
+        (lambda: multilabel_report([[1, 0], [0, 1]], [[0.9, 0.1], [0.2, 0.8]], threshold=float("nan")),
+         r"^threshold must be a real number \(not NaN"),
+        (lambda: multilabel_report([[1, 0], [0, 1]], [[0.9, 0.1], [0.2, 0.8]], top_k=True),
+         r"^top_k must be a positive integer .*booleans are not counts.*got True"),
+        (_axis_error(np.array([[0, 1, 2]])), r"param_grid\['x'\] is a 2-D array of shape \(1, 3\)"),
+        (_axis_error({0, 1, 2}), r"param_grid\['x'\] is a set, which has no order"),
+        (_axis_error(frozenset({0, 1, 2})), r"param_grid\['x'\] is a frozenset, which has no order"),
+        (_axis_error({0: "a", 1: "b", 2: "c"}.keys()), r"param_grid\['x'\] is a dict_keys, which has no order"),
+        (_axis_error({"a": 0, "b": 1, "c": 2}.values()), r"param_grid\['x'\] is a dict_values, which has no order"),
+    ],
+    ids=["fusion_pd_na", "map_pd_na", "report_pd_na", "map_none", "threshold_nan", "top_k_true", "axis_2d",
+         "axis_set", "axis_frozenset", "axis_dict_keys", "axis_dict_values"],
+)
+def test_bad_arguments_raise_a_value_error_naming_them(call, match):
+    """Fault: arguments that used to raise a TypeError from deep inside (pd.NA and None in targets), or to be
+    read as something else (a NaN threshold predicting nothing, top_k=True as top-1, a 2-D array as one
+    candidate, a set's arbitrary order as the climb's order). Each raises a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_a_failed_start_names_the_error_not_the_data_it_quotes():
+    """Fault: scikit-learn's error for complex data ends with the data itself ("Complex data not supported"
+    followed by the array), so the last line of each fold's traceback is a row of numbers. The search's error
+    for a start that fails on every fold names the exception line instead, and quotes no data."""
+    rng = np.random.RandomState(0)
+    X = (rng.uniform(size=10) + 1j * rng.uniform(size=10)).reshape(-1, 2)
+    y = rng.uniform(size=5) + 0j
+    search = BlockTimestepSearchCV(Ridge(), {"alpha": [0.1, 1.0, 10.0]}, cv=3, priors=None)
+    with pytest.raises(ValueError) as caught:
+        search.fit(X, y)
+    message = str(caught.value)
+    assert re.search(r"failed on every CV fold, so there is nothing to climb from: ValueError: Complex data not "
+                     r"supported\. Fix the estimator", message), message
+    assert "j" not in message.partition("Complex data")[2].partition(". Fix")[0], message

@@ -1,9 +1,11 @@
 """Manifests, export, and reading a filled store without loading the model."""
 
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import warnings
 
 import numpy as np
@@ -119,17 +121,41 @@ def test_text_manifest_ids_are_positions(tmp_path):
     np.testing.assert_array_equal(np.load(result.export(tmp_path / "t.npy")[0]), result.features())
 
 
+def test_manifest_ids_of_a_webdataset_shard(model_dir, tmp_path):
+    from sklearn_difffeat.sources import WebDatasetSource
+
+    paths = image_files(tmp_path / "img", 5)
+    tar = tmp_path / "shard-007.tar"
+    with tarfile.open(tar, "w") as archive:
+        for i, path in enumerate(paths):
+            if i != 2:  # sample 2 has its caption but no image
+                archive.add(path, arcname=f"{i:05d}.png")
+            info = tarfile.TarInfo(f"{i:05d}.txt")
+            info.size = 3
+            archive.addfile(info, io.BytesIO(b"cap"))
+    ext = DiTFeatureExtractor(str(model_dir), **PARAMS)
+    result = extract(ext, WebDatasetSource(str(tar)), tmp_path / "store", shard_size=2, progress=False)
+    table = manifest_frame(result.manifest)
+    assert list(table["id"]) == [f"{tar}/{i:05d}" for i in range(5)]
+    assert list(table["status"]) == ["computed", "computed", "failed", "stored", "computed"]  # 3 is 0's copy
+    assert table["error"][2].startswith("no .jpg or .jpeg or .png or .webp member")
+    features = np.load(result.export(tmp_path / "f.npy")[0])
+    assert np.isnan(features[2]).all()
+    np.testing.assert_allclose(np.delete(features, 2, axis=0), ext.fit().transform([p for i, p in enumerate(paths)
+                                                                                     if i != 2]), atol=1e-6)
+
+
 def test_parts_are_assembled_in_input_order_and_an_interrupted_run_is_replaced(model_dir, tmp_path, monkeypatch):
     paths = image_files(tmp_path / "img", 9)
     ext = DiTFeatureExtractor(str(model_dir), **PARAMS)
     target = tmp_path / "m.parquet"
     real, calls = extraction_module._run_shard, []
 
-    def dies_on_third_shard(extractor, inputs):
-        calls.append(len(inputs))
+    def dies_on_third_shard(extractor, shard):
+        calls.append(shard)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(extractor, inputs)
+        return real(extractor, shard)
 
     monkeypatch.setattr(extraction_module, "_run_shard", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):

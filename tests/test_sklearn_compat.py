@@ -4,6 +4,7 @@ installed scikit-learn: each test fails with a message naming what changed."""
 import contextlib
 import inspect
 import re
+import traceback
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import sklearn
 from sklearn.exceptions import FitFailedWarning
+from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV
 
 from sklearn_difffeat._sklearn_compat import (
@@ -18,10 +20,13 @@ from sklearn_difffeat._sklearn_compat import (
     NON_FINITE_WARNING,
     BaseSearchCV,
     all_fits_failed,
+    exception_line,
     failed_fit_like,
-    failed_on_every_fold,
+    failed_fits,
     failure_summary,
+    first_fit_error,
     fit_context,
+    rank_failed_last,
     silenced_fitting_line,
     silenced_non_finite_warning,
     with_failed_candidates,
@@ -151,7 +156,7 @@ def test_evaluate_candidates_contract():
     assert layout == [(10.0, 3), (10.0, 5), (20.0, 3), (20.0, 5), (30.0, 3), (30.0, 5)], changed(
         f"the order of `out` (no longer candidate-major: {layout})"
     )
-    assert not failed_on_every_fold(out, 3, 2).any()
+    assert not failed_fits(out, 3, 2).any()
 
 
 def test_the_fitting_line_follows_verbose_at_each_call(capsys):
@@ -202,7 +207,7 @@ def test_failed_fit_like_matches_scikit_learns_own_failed_fits(scoring, return_t
     with pytest.warns(FitFailedWarning):
         probe.fit(*data())
     _, n_splits, out, _ = probe.formatted_
-    assert list(failed_on_every_fold(out, 2, n_splits)) == [False, True], changed("`fit_error` in `out`")
+    assert list(failed_fits(out, 2, n_splits)) == [0, n_splits], changed("`fit_error` in `out`")
     for split in range(n_splits):
         theirs = out[n_splits + split]
         mine = failed_fit_like(out[split], theirs["fit_error"], -7.0)
@@ -228,6 +233,80 @@ def test_with_failed_candidates_rebuilds_the_rows_scikit_learn_drops(scoring):
     for key, theirs in ref.cv_results_.items():
         if not key.endswith("_time"):  # timings are whatever the fits took
             np.testing.assert_array_equal(rebuilt[key], theirs, err_msg=changed(f"how a failed fit shows in {key}"))
+
+
+def _complex_data():
+    rng = np.random.RandomState(0)
+    return (rng.uniform(size=10) + 1j * rng.uniform(size=10)).reshape(-1, 2), rng.uniform(size=5)
+
+
+def _formatted(fail):
+    try:
+        fail()
+    except Exception:  # any error: its formatted traceback is the point
+        return traceback.format_exc()
+    raise AssertionError("did not raise")
+
+
+def _chained():
+    try:
+        {}["missing"]
+    except KeyError as err:
+        raise RuntimeError("while reading\nline two of the message") from err
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.filterwarnings("ignore:One or more of the (test|train) scores are non-finite")
+def test_exception_line_of_real_tracebacks():
+    text = _formatted(lambda: Ridge().fit(*_complex_data()))
+    assert not re.match(r"^[A-Za-z_][\w.]*: ", text.strip().splitlines()[-1])  # the last line is data
+    assert exception_line(text) == "ValueError: Complex data not supported"
+    assert exception_line(_formatted(_chained)) == "RuntimeError: while reading"
+    assert exception_line("ValueError: x=1 is broken") == "ValueError: x=1 is broken"  # a rebuilt row's error
+    assert exception_line("no traceback at all") == "no traceback at all"
+    with pytest.raises(ValueError) as caught:  # every fit fails: scikit-learn's message quotes each traceback
+        GridSearchCV(Ridge(), {"alpha": [1.0]}, cv=2).fit(*_complex_data())
+    assert failure_summary(caught.value) == "ValueError: Complex data not supported", changed(
+        f"the layout of the 'fits failed' details: {caught.value}"
+    )
+    probe = Probe(Breaks(table=(1.0, 2.0), broken=(1,)), [[{"x": 0}, {"x": 1}]], own_scorer=False)
+    with pytest.warns(FitFailedWarning):
+        probe.fit(*data())
+    assert first_fit_error(probe.formatted_[2]) == "ValueError: x=1 is broken"
+    assert first_fit_error(probe.formatted_[2][:2]) is None
+
+
+class ReversedRanks(GridSearchCV):
+    def _format_results(self, candidate_params, n_splits, out, more_results=None):
+        results = super()._format_results(candidate_params, n_splits, out, more_results)
+        results["rank_test_score"] = results["rank_test_score"].max() + 1 - results["rank_test_score"]
+        return results
+
+
+def test_best_index_is_the_best_rank_test_of_the_formatted_results():
+    search = ReversedRanks(Table(table=(1.0, 3.0, 2.0)), {"x": [0, 1, 2]}, cv=2).fit(*data())
+    assert search.best_index_ == 0 and search.best_params_ == {"x": 0} and search.best_score_ == 1.0, changed(
+        "BaseSearchCV.fit: best_index_ is no longer the lowest rank_test_<refit> of what _format_results returns"
+    )
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.FitFailedWarning")
+@pytest.mark.filterwarnings("ignore:One or more of the (test|train) scores are non-finite")
+@pytest.mark.parametrize("scoring", [None, {"land": _land, "neg": lambda e, X, y: -e.score(X, y)}])
+def test_rank_failed_last_ranks_as_scikit_learn_does_with_nan_error_score(scoring):
+    est, grid = Breaks(table=(1.0, 2.0, 2.0, 0.5), broken=(1,)), {"x": [0, 1, 2, 3]}
+    kw = dict(cv=2, scoring=scoring, refit=False)
+    high = GridSearchCV(est, grid, error_score=9.0, **kw).fit(*data()).cv_results_
+    reference = GridSearchCV(est, grid, error_score=np.nan, **kw).fit(*data()).cv_results_
+    failed = np.array([False, True, False, False])
+    ranked = rank_failed_last(dict(high), failed)
+    for key in [k for k in reference if k.startswith("rank_test_")]:
+        np.testing.assert_array_equal(ranked[key], reference[key], err_msg=changed(f"how {key} ranks"))
+        assert ranked[key].dtype == reference[key].dtype and ranked[key][1] == 4
+    untouched = rank_failed_last(dict(reference), failed)  # NaN already ranks last: nothing changes
+    assert all(np.array_equal(untouched[k], reference[k]) for k in reference if k.startswith("rank_test_"))
+    every = rank_failed_last(dict(high), np.ones(4, dtype=bool))
+    assert all(list(every[k]) == [1, 1, 1, 1] for k in every if k.startswith("rank_test_"))
 
 
 def test_non_finite_scores_warning_matches_and_is_silenced():

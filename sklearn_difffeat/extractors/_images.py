@@ -5,8 +5,9 @@ item of a list), keyed by content, and decoded one sample at a time, in DataLoad
 are many. Errors name the sample.
 
 Keys hash each sample as given, with no decoding or resizing, so that a run whose features are all stored costs
-only hashing: a file by its bytes, an array by its dtype, shape and bytes (a row of a stacked array and the same
-array in a list are one sample), a PIL image by its mode, size and pixels. The same picture given in two forms
+only hashing: a file by its bytes (encoded image bytes in memory, and a Hugging Face ``{"bytes", "path"}`` image
+dict, get the key of the file they hold), an array by its dtype, shape and bytes (a row of a stacked array and the
+same array in a list are one sample), a PIL image by its mode, size and pixels. The same picture given in two forms
 (a file and its pixels, uint8 and float) is two samples: the same model input, each with its own noise draw at
 t > 0.
 """
@@ -15,20 +16,26 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import io
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from ..sources import lazy_column
 from ..store import KEY_LENGTH
 from ._inputs import single_column
 
 # Bump when decoding or resizing changes: keys of file inputs are hashes of the file bytes, so the namespace
 # of cached latents and features must name the preprocessing that turned those bytes into pixels.
 PREPROCESSING = "pil-bicubic-centercrop-v2"
+
+# An encoded image file's content given in memory (from a parquet column, a tar member, a dataset): keyed and
+# decoded exactly as the file with the same bytes.
+ENCODED = (bytes, bytearray, memoryview)
 
 
 class ImageSamples:
@@ -41,7 +48,10 @@ class ImageSamples:
     def __init__(self, X, resolution: int, channels: int):
         self.resolution, self.channels = resolution, channels
         X = single_column(X, "images")
-        if isinstance(X, np.ndarray) and X.dtype != object:
+        lazy = lazy_column(X)  # a Hugging Face dataset column: read a chunk of rows at a time, never listed whole
+        if lazy is not None:
+            self.items, self.is_array = lazy, False
+        elif isinstance(X, np.ndarray) and X.dtype != object:
             self.items = _check_image_array(X)
             self.is_array = True
         else:
@@ -56,9 +66,9 @@ class ImageSamples:
                     f"Images must be an array, a list, a pandas Series or DataFrame column; got {type(X).__name__}."
                 )
             for i, item in enumerate(X):
-                if not isinstance(item, (str, os.PathLike, Image.Image, np.ndarray)):
-                    raise ValueError(f"Image {i}: expected a PIL image, an array or a file path, got "
-                                     f"{type(item).__name__}.")
+                if not isinstance(item, (str, os.PathLike, Image.Image, np.ndarray, *ENCODED, dict)):
+                    raise ValueError(f"Image {i}: expected a PIL image, an array, a file path or encoded image "
+                                     f"bytes, got {type(item).__name__}.")
             self.items = np.empty(len(X), dtype=object)  # an array, not a list: cheap to share with workers
             self.items[:] = list(X) if len(X) else []
             self.is_array = False
@@ -85,7 +95,7 @@ class ImageSamples:
             for i in range(start, stop):
                 item = self.items[i]
                 try:  # hashlib releases the GIL on large buffers: the threads hash in parallel
-                    keys[i] = _file_key(item, i) if isinstance(item, (str, os.PathLike)) else _content_key(item)
+                    keys[i] = _item_key(item, i)
                 except ValueError as exc:
                     if errors is None:
                         raise
@@ -240,6 +250,29 @@ def _content_key(item) -> bytes:
     return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
 
 
+def _item_key(item, index: int) -> bytes:
+    item = _unwrap_image_dict(item, index)
+    if isinstance(item, (str, os.PathLike)):
+        return _file_key(item, index)
+    if isinstance(item, ENCODED):  # the key of a file with these bytes
+        return hashlib.sha256(b"file:" + item).hexdigest()[:KEY_LENGTH].encode("ascii")
+    if isinstance(item, (Image.Image, np.ndarray)):
+        return _content_key(item)
+    raise ValueError(f"Image {index}: expected a PIL image, an array, a file path or encoded image bytes, got "
+                     f"{type(item).__name__}.")
+
+
+def _unwrap_image_dict(item, index: int):
+    """A Hugging Face image dict ``{"bytes": b or None, "path": p or None}`` as its bytes, else its path."""
+    if not isinstance(item, dict):
+        return item
+    if item.get("bytes") is not None:
+        return item["bytes"]
+    if item.get("path") is not None:
+        return item["path"]
+    raise ValueError(f"Image {index}: an image dict needs 'bytes' or 'path', got keys {sorted(item)} with no value.")
+
+
 def _file_key(path, index: int) -> bytes:
     """Key of an image file: a hash of its bytes (no decoding)."""
     digest = hashlib.sha256(b"file:")
@@ -255,9 +288,11 @@ def _file_key(path, index: int) -> bytes:
 def load_image(item, index: int, resolution: int, channels: int) -> np.ndarray:
     """One sample as a (resolution, resolution, channels) uint8 array: decoded, resized (shorter side,
     bicubic) and center-cropped."""
-    if isinstance(item, (str, os.PathLike)):
+    item = _unwrap_image_dict(item, index)
+    if isinstance(item, (str, os.PathLike, *ENCODED)):
+        encoded = isinstance(item, ENCODED)
         try:
-            with Image.open(item) as opened:
+            with Image.open(io.BytesIO(item) if encoded else item) as opened:
                 if opened.format == "JPEG":
                     # Decode at the smallest 1/2, 1/4 or 1/8 scale that still covers the target: much faster
                     # for large photos, and the bicubic resize below does the rest.
@@ -267,7 +302,10 @@ def load_image(item, index: int, resolution: int, channels: int) -> np.ndarray:
         except ValueError:
             raise
         except Exception as exc:
-            raise ValueError(f"Image {index}: cannot read file {os.fspath(item)!r} ({exc}).") from exc
+            what = f"image bytes ({len(item)} bytes)" if encoded else f"file {os.fspath(item)!r}"
+            # PIL's own message for unknown data names the in-memory buffer object: say what it means
+            reason = "not an image format PIL knows" if encoded and isinstance(exc, UnidentifiedImageError) else exc
+            raise ValueError(f"Image {index}: cannot read {what} ({reason}).") from exc
     elif isinstance(item, Image.Image):
         image = _to_8bit(item, index)
     else:

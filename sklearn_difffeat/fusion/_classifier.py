@@ -13,13 +13,13 @@ from scipy.special import expit, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch import NeuralNet
 from skorch.callbacks import EarlyStopping, LRScheduler
 from skorch.dataset import ValidSplit
 from torch import nn
 
+from .._sklearn_compat import Interval, StrOptions
 from ._callbacks import StopOnNonFiniteLoss
 from ._modalities import check_frame_columns, is_modality_dict, resolve_modalities, stack_modality_dict
 from ._module import FusionModule

@@ -5,10 +5,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
 from numpy.typing import ArrayLike
 from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.multiclass import check_classification_targets
+
+from .._target_arrays import target_array
 
 __all__ = ["encode_targets"]
 
@@ -46,7 +47,7 @@ def encode_targets(y: ArrayLike, n_samples: int) -> tuple[np.ndarray, np.ndarray
             "(pass a 0/1 indicator matrix or 1-D class labels)."
         )
     names = [str(c) for c in y.columns] if hasattr(y, "columns") else None
-    y = y.toarray() if sp.issparse(y) else np.asarray(y)
+    y = target_array(y, "y")  # sparse to dense, missing values (NaN, None, pd.NA) refused
     if y.ndim == 2 and y.shape[1] == 1:
         # scikit-learn's convention: a column vector is 1-D labels (one binary label is binary classification).
         warnings.warn(
@@ -60,7 +61,7 @@ def encode_targets(y: ArrayLike, n_samples: int) -> tuple[np.ndarray, np.ndarray
     if y.shape[0] != n_samples:
         raise ValueError(f"X has {n_samples} rows but y has {y.shape[0]}; they must match.")
     if y.dtype.kind in "fc" and not np.all(np.isfinite(y)):
-        raise ValueError("y contains NaN or infinity.")
+        raise ValueError("y contains infinity.")
     if y.ndim == 2:
         return _encode_indicator(y, names), np.arange(y.shape[1]), True
     check_classification_targets(y)
