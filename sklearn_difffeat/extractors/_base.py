@@ -235,7 +235,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         return TransformRun.plan(keys, blocks, layout, store, self.batch_size, device, on_error, unreadable)
 
     def _layout(self, backbone, blocks=None) -> FeatureLayout:
-        """The :class:`FeatureLayout` of ``blocks`` (default: the requested ones) for this loaded backbone."""
+        """The :class:`FeatureLayout` of ``blocks`` (default: the requested ones) for this model."""
         blocks = resolve_blocks(self.block, backbone.num_blocks) if blocks is None else (
             resolve_blocks(blocks, backbone.num_blocks, name="blocks"))
         timesteps = self._check_timesteps(backbone)
