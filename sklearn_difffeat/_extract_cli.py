@@ -68,6 +68,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--failures", type=Path, default=None,
                    help="where to list unreadable inputs, one per line with the reason "
                         "(default: <store>/failures-<time>.tsv, written only when something failed)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="where to write the manifest: each input's id (path or row), content key and status, and "
+                        "the extractor's parameters, as parquet, for `sklearn-difffeat export` "
+                        "(default: <store>/.manifests/<input name>-<UTC time>.parquet)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; the summary is still printed")
 
 
@@ -88,18 +92,20 @@ def _run(args) -> int:
     extractor = _extractor(args, is_text)
     client, cluster = _client(args)
     from .extraction import extract
+    from .manifest import default_manifest_path
 
+    manifest = args.manifest or default_manifest_path(args.store, args.input.stem or "extract")
     try:
         started = time.perf_counter()
         result = extract(extractor, inputs, args.store, client=client, shard_size=args.shard_size,
-                         progress=not args.quiet)
+                         progress=not args.quiet, manifest=manifest)
         seconds = time.perf_counter() - started
     finally:
         if client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
-    print(f"{result.summary()} in {seconds:.1f} s; store: {args.store}")
+    print(f"{result.summary()} in {seconds:.1f} s; store: {args.store}; manifest: {result.manifest}")
     if result.failed:
         path = args.failures or args.store / f"failures-{time.strftime('%Y%m%d-%H%M%S')}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)

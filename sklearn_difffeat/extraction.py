@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import clone
 
 from .extractors import BaseDiffusionFeatureExtractor, DiTFeatureExtractor, TransformReport, open_store
+from .manifest import ManifestWriter, default_manifest_path
 from .sources import Shard, as_source
 from .store import KEY_LENGTH, FeatureStore
 
@@ -40,6 +42,8 @@ class ExtractionResult:
         starts with the input's id.
     ids : (n,) object array of str: each input's id (a path, ``shard.tar/key``, ``table.parquet#row``, or the
         position), in input order.
+    manifest : Path or None
+        The manifest of the run (each input's id, key and status; see :meth:`export`), or None without one.
     """
 
     extractor: BaseDiffusionFeatureExtractor
@@ -49,11 +53,24 @@ class ExtractionResult:
     already_stored: int = 0
     failed: dict = field(default_factory=dict)
     ids: np.ndarray | None = None
+    manifest: Path | None = None
 
     def features(self) -> np.ndarray:
         """(n, n_features) float32, in input order, read from the store (NaN rows for failed inputs); see
         :meth:`~sklearn_difffeat.DiTFeatureExtractor.read_stored`."""
         return self.extractor.read_stored(self.keys, self.store)
+
+    def export(self, path, blocks=None, timesteps=None, *, chunk_rows=None) -> list[Path]:
+        """Write the features in input order, with each input's id, to ``path`` (``.npy`` plus
+        ``<stem>.ids.parquet``, or one ``.parquet``), reading the store in chunks; see
+        :func:`sklearn_difffeat.export.export_features`. ``blocks`` / ``timesteps`` choose a subset of what was
+        extracted. Returns the files written."""
+        from .export import export_features
+
+        if self.manifest is None:
+            raise ValueError("This extraction ran with manifest=False: there is no manifest to export from.")
+        return export_features(self.manifest, path, self.store.directory, blocks=blocks, timesteps=timesteps,
+                               extractor=self.extractor, chunk_rows=chunk_rows)
 
     def summary(self) -> str:
         return (f"{self.computed} samples computed, {self.already_stored} already stored, {len(self.failed)} "
@@ -61,7 +78,7 @@ class ExtractionResult:
 
 
 def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 2048, progress: bool = True,
-            retries: int = 2) -> ExtractionResult:
+            retries: int = 2, manifest=None) -> ExtractionResult:
     """Extract features of ``inputs`` into a feature store, shard by shard.
 
     Parameters
@@ -86,6 +103,10 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
         A progress bar over samples.
     retries : int, default=2
         Dask retries of a task that raised (a lost worker's tasks are rescheduled by Dask in any case).
+    manifest : path-like, None or False, default=None
+        Where to write the manifest (a parquet table: each input's id, position, content key and status, and the
+        extractor's parameters; see :mod:`sklearn_difffeat.manifest`). None: ``<store>/.manifests/extract-<UTC
+        time>.parquet``; False: none.
 
     Returns
     -------
@@ -119,25 +140,27 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
                               ids=np.empty(n, dtype=object))
     bar = tqdm(total=n, disable=not progress, desc="extract", unit="sample")
     with bar:
+        if client is not None and not isinstance(extractor.model, (str, os.PathLike)):
+            raise ValueError("On a Dask cluster the model must be a hub id, a folder or 'embedded:NAME', so "
+                             "that each worker loads it; modules in memory would travel in every task.")
+        extractor.fit()  # check the parameters here, before any shard runs
+        writer = None if manifest is False else ManifestWriter(
+            default_manifest_path(folder) if manifest is None else Path(manifest), extractor, folder, n)
         if client is None:
-            extractor.fit()
             for shard in shards:
-                _collect(result, shard.start, _run_shard(extractor, shard), bar)
+                _collect(result, shard.start, _run_shard(extractor, shard), bar, writer)
         else:
-            if not isinstance(extractor.model, (str, os.PathLike)):
-                raise ValueError("On a Dask cluster the model must be a hub id, a folder or 'embedded:NAME', so "
-                                 "that each worker loads it; modules in memory would travel in every task.")
             from dask.distributed import as_completed
 
-            extractor.fit()  # check the parameters here, before any task is sent
             futures = {
                 client.submit(_run_shard, extractor, shard, pure=False, retries=retries,
                               key=f"difffeat-shard-{shard.start}-{os.urandom(4).hex()}"): shard.start
                 for shard in shards
             }
             for future in as_completed(futures):
-                _collect(result, futures[future], future.result(), bar)
+                _collect(result, futures[future], future.result(), bar, writer)
                 future.release()
+        result.manifest = writer.finish() if writer is not None else None
     bar.set_postfix_str(result.summary())
     return result
 
@@ -156,13 +179,14 @@ def _run_shard(extractor, shard: Shard) -> tuple[TransformReport, list]:
     items, ids, unreadable = shard.read()
     # Samples the source could not produce have no content: a key of their own (never stored) keeps their rows NaN.
     report = TransformReport(keys=np.array([_unreadable_key(i) for i in ids], dtype=f"S{KEY_LENGTH}"),
-                             failed=dict(unreadable))
+                             failed=dict(unreadable), from_store=np.zeros(len(ids), dtype=bool))
     good = [i for i in range(len(ids)) if i not in unreadable]
     if good:
         inputs = items if len(good) == len(ids) else [items[i] for i in good]
         _, done = extractor.transform_with_report(inputs, on_error="record")
         report.keys[good] = done.keys
         report.computed, report.stored = done.computed, done.stored
+        report.from_store[good] = done.from_store
         report.failed.update({good[p]: message for p, message in done.failed.items()})
     return report, ids
 
@@ -171,7 +195,8 @@ def _unreadable_key(input_id: str) -> bytes:
     return hashlib.sha256(f"unreadable:{input_id}".encode()).hexdigest()[:KEY_LENGTH].encode("ascii")
 
 
-def _collect(result: ExtractionResult, start: int, shard_result: tuple[TransformReport, list], bar) -> None:
+def _collect(result: ExtractionResult, start: int, shard_result: tuple[TransformReport, list], bar,
+             manifest: ManifestWriter | None = None) -> None:
     report, ids = shard_result
     stop = start + len(report.keys)
     result.keys[start:stop] = report.keys
@@ -179,4 +204,6 @@ def _collect(result: ExtractionResult, start: int, shard_result: tuple[Transform
     result.computed += report.computed
     result.already_stored += report.stored
     result.failed.update({start + p: f"{ids[p]}: {message}" for p, message in sorted(report.failed.items())})
+    if manifest is not None:
+        manifest.add(start, ids, report)
     bar.update(stop - start)

@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from ..backbones.base import resolve_blocks
 from ..store import FeatureStore, stable_hash
 from ._engine import Batch, BatchResult, FeatureLayout, TransformRun, read_stored_into
+from ._identity import ModelIdentity, ResolvedModel
 from ._runtime import cached_backbone, default_workers, open_store, resolve_device, resolve_dtype
 
 
@@ -44,6 +45,9 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
     }
 
     # ---- hooks for subclasses -------------------------------------------------------------------------
+    # Hooks that validate parameters or describe the layout take a ``backbone`` argument that is a
+    # :class:`~._identity.ResolvedModel` (the values read from a loaded backbone, or recorded in the store):
+    # they may read only its fields.
     def _backbone_options(self) -> tuple:
         """Parameters besides model, device and dtype that change the loaded backbone (e.g. compile)."""
         return ()
@@ -101,9 +105,12 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
-        """Check the parameters and load the backbone. Nothing is learned from X."""
+        """Check the parameters against the model. Nothing is learned from X.
+
+        The model is loaded, unless the cache holds a record of it (see docs/store.md): then only its recorded
+        depth, width, fingerprint, ... are read."""
         self._check_cache_param()
-        backbone = self._backbone()
+        backbone = self._resolved()
         resolve_blocks(self.block, backbone.num_blocks)
         self._check_timesteps(backbone)
         self._check_model_params(backbone)
@@ -145,9 +152,15 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "n_features_out_")
         if on_error not in ("raise", "record"):
             raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}.")
+        resolved = self._resolved()
+        samples, run = self._plan(X, resolved, on_error)
+        if len(run.todo) == 0:  # the store served everything: no model needed
+            return run.execute(iter(()), None, desc=type(self).__name__, verbose=self.verbose)
         backbone = self._backbone()
-        samples = self._samples(X, backbone)
-        run = self._start_run(backbone, samples, on_error)
+        loaded = ResolvedModel.of(backbone)
+        if loaded != resolved:  # a record that disagrees with the weights: trust the weights
+            self._record(loaded)
+            samples, run = self._plan(X, loaded, on_error)
         batches = self._batches(run, samples, backbone, run.todo)
         return run.execute(batches, lambda batch, plan: self._compute(run, backbone, batch, plan),
                            desc=type(self).__name__, verbose=self.verbose)
@@ -170,7 +183,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
             only with those.
         """
         check_is_fitted(self, "n_features_out_")
-        return self._layout(self._backbone(), blocks)
+        return self._layout(self._resolved(), blocks)
 
     def read_stored(self, keys, store=None) -> np.ndarray:
         """The stored features of samples given by their content keys, in :meth:`transform`'s column order.
@@ -204,6 +217,10 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         out[~complete.all(axis=1)] = np.nan
         return out.reshape(n, -1)
 
+    def _plan(self, X, resolved, on_error: str):
+        samples = self._samples(X, resolved)
+        return samples, self._start_run(resolved, samples, on_error)
+
     def _start_run(self, backbone, samples, on_error: str) -> TransformRun:
         """Key the samples and start a run over them; each pass computes the requested blocks, or with a cache and
         ``cache_depth``, every block up to that depth."""
@@ -214,10 +231,11 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         layout = self._layout(backbone, computed)
         unreadable = {} if on_error == "record" else None
         keys = samples.keys(self._workers(), unreadable)
-        return TransformRun.plan(keys, blocks, layout, store, self.batch_size, backbone.device, on_error, unreadable)
+        device = self._placement()[0]
+        return TransformRun.plan(keys, blocks, layout, store, self.batch_size, device, on_error, unreadable)
 
     def _layout(self, backbone, blocks=None) -> FeatureLayout:
-        """The :class:`FeatureLayout` of ``blocks`` (default: the requested ones) for this loaded backbone."""
+        """The :class:`FeatureLayout` of ``blocks`` (default: the requested ones) for this model."""
         blocks = resolve_blocks(self.block, backbone.num_blocks) if blocks is None else (
             resolve_blocks(blocks, backbone.num_blocks, name="blocks"))
         timesteps = self._check_timesteps(backbone)
@@ -256,14 +274,41 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
     # ---- helpers --------------------------------------------------------------------------------------
     def _backbone(self):
         model = self.model
-        in_memory = not isinstance(model, (str, os.PathLike))
-        modules = self._in_memory_modules() if in_memory else None
-        first = next(modules[0].parameters()) if modules else None
-        device = resolve_device(self.device, first.device if first is not None else None)
-        dtype = resolve_dtype(self.dtype, device, first.dtype if first is not None else None)
-        source = id(model) if in_memory else os.fspath(model)
+        device, dtype = self._placement()
+        source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else id(model)
         key = (type(self).__name__, source, device, dtype, *self._backbone_options())
         return cached_backbone(key, lambda: self._load_backbone(device, dtype), keepalive=model)
+
+    def _placement(self):
+        """(device, dtype) the backbone runs in, resolved without loading it."""
+        named = isinstance(self.model, (str, os.PathLike))
+        modules = None if named else self._in_memory_modules()
+        first = next(modules[0].parameters()) if modules else None
+        device = resolve_device(self.device, first.device if first is not None else None)
+        return device, resolve_dtype(self.dtype, device, first.dtype if first is not None else None)
+
+    def _resolved(self) -> ResolvedModel:
+        """What the layout needs from the model: from the cache's record of its identity when there is one (no
+        load), else from the loaded backbone, then recorded for the next reader."""
+        identity = self._identity()
+        resolved = identity.lookup() if identity is not None else None
+        if resolved is None:
+            resolved = ResolvedModel.of(self._backbone())
+            if identity is not None:
+                identity.record(resolved)
+        return resolved
+
+    def _record(self, resolved: ResolvedModel) -> None:
+        identity = self._identity()
+        if identity is not None:
+            identity.record(resolved)
+
+    def _identity(self) -> ModelIdentity | None:
+        """The model's identity in the cache; None without a cache or for modules given in memory."""
+        if self.cache is None or not isinstance(self.model, (str, os.PathLike)):
+            return None
+        dtype = str(self._placement()[1]).replace("torch.", "")
+        return ModelIdentity(open_store(self.cache), type(self).__name__, self.model, dtype)
 
     def _workers(self) -> int:
         return default_workers() if self.num_workers is None else self.num_workers

@@ -86,12 +86,15 @@ class TransformReport:
         Distinct samples the feature store served alone.
     failed : dict
         ``{input position: message}`` for inputs that could not be read (their feature rows are NaN).
+    from_store : ndarray of shape (n_samples,) or None
+        True for each input whose features the store served alone (no model pass for it).
     """
 
     keys: np.ndarray
     computed: int = 0
     stored: int = 0
     failed: dict = field(default_factory=dict)
+    from_store: np.ndarray | None = None
 
 
 @dataclass
@@ -317,6 +320,7 @@ class TransformRun:
             computed=len(self.todo) - failed_planned,
             stored=len(self.keys) - len(self.todo) - (len(failed_rows) - failed_planned),
             failed={int(p): self.failures[self.inverse[p]] for p in failed_positions},
+            from_store=~np.isin(self.inverse, self.todo),
         )
 
     def fail(self, row: int, message: str):
