@@ -6,6 +6,6 @@ Where weights come from: :func:`resolve_model_dir` gives the local folder of an 
 Untrained copies of a model, for baselines, are in :mod:`sklearn_difffeat.backbones.untrained`.
 """
 
-from ._hub import embedded_models, module_fingerprint, resolve_model_dir
+from ._hub import FINGERPRINT_VERSION, embedded_models, module_fingerprint, resolve_model_dir
 
-__all__ = ["embedded_models", "module_fingerprint", "resolve_model_dir"]
+__all__ = ["FINGERPRINT_VERSION", "embedded_models", "module_fingerprint", "resolve_model_dir"]

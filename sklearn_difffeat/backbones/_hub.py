@@ -53,6 +53,11 @@ def resolve_model_dir(model: str | os.PathLike, allow_patterns: list[str] | None
         ) from exc
 
 
+# What module_fingerprint hashes, versioned: records that map a model to its fingerprint (the store's identity
+# registry) name the version they were made with, so a change here never serves a stale fingerprint.
+FINGERPRINT_VERSION = 2  # 1: a strided sample of each tensor; 2: every byte of every tensor
+
+
 def module_fingerprint(*modules) -> str:
     """A short content hash of the modules' weights: every tensor's name, shape, dtype and all of its bytes.
 

@@ -8,8 +8,8 @@ together with the values the feature layout reads from the loaded backbone (a :c
 reads compute the identity, find the record and build the layout from it.
 
 The identity of a model is the extractor class, the ``model`` string as given, the compute dtype (the one loading
-option that enters the namespaces; device and ``torch.compile`` do not change features), the library version,
-and a *state* that changes whenever the files would load differently:
+option that enters the namespaces; device and ``torch.compile`` do not change features), the library version, the
+version of the weights-fingerprint scheme, and a *state* that changes whenever the files would load differently:
 
 * a local folder or an embedded model: a digest of the relative name, size and modification time of every file
   under it (hidden files and folders aside);
@@ -31,7 +31,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..backbones import resolve_model_dir
+from ..backbones import FINGERPRINT_VERSION, resolve_model_dir
 
 _SCHEMA = 1  # version of the ResolvedModel fields in a record; a record of another version is not used
 _EMBEDDED = "embedded:"
@@ -88,7 +88,8 @@ class ModelIdentity:
 
         self.store = store
         self.model = os.fspath(model)
-        self.base = {"extractor": extractor, "model": self.model, "dtype": dtype, "library": __version__}
+        self.base = {"extractor": extractor, "model": self.model, "dtype": dtype, "library": __version__,
+                     "fingerprint_version": FINGERPRINT_VERSION}
         self.state = model_state(self.model)
 
     def lookup(self) -> ResolvedModel | None:
