@@ -155,7 +155,7 @@ def test_a_run_killed_after_extraction_resumes_at_the_search(tmp_path, monkeypat
             _reproduce("coco", root, store, "--limit", "40")
     recorded = json.loads(state_file.read_text())["steps"]
     assert list(recorded) == ["extract"]
-    assert sum(r["computed"] for r in recorded["extract"]["image"].values()) > 0
+    assert sum(r["computed"] for r in recorded["extract"]["result"]["image"].values()) > 0
     with monkeypatch.context() as patch:  # no extraction work: extract_features may not even be called
         patch.setattr(_run, "extract_features", _kill)
         resumed = _reproduce("coco", root, store, "--limit", "40")
