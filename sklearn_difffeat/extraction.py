@@ -6,6 +6,10 @@ own segments to the store, skipping samples already stored. Run in this process 
 its slice of the inputs, never the weights: each worker loads the model once and keeps it for every shard it
 runs. A worker lost mid-shard has its task rerun elsewhere by Dask, and since tasks skip what is stored, the
 result is that of an uninterrupted run. Searches then read the store without a GPU.
+
+An input that cannot be read is a listed failure (its row is NaN, nothing of it is stored), and does not stop the
+run; a store that cannot be written does: filling the store is the point of an extraction, so the store's
+``StoreWriteError`` is raised, and what was stored before it stays.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ class ExtractionResult:
     extractor : the fitted extractor (parameters only; its ``cache`` is the store).
     store : FeatureStore
     keys : (n,) array of the inputs' content keys, in input order.
-    computed, already_stored : numbers of samples that needed the model, and that the store already held.
-    failed : {input position: reason} for inputs that could not be read (their feature rows are NaN).
+    computed, already_stored : numbers of inputs that needed the model, and that the store already held.
+    failed : {input position: message} for inputs that could not be read (their feature rows are NaN).
+
+    Each input position counts once: ``computed + already_stored + len(failed) == len(keys)``.
     """
 
     extractor: BaseDiffusionFeatureExtractor
@@ -79,8 +85,14 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
     Returns
     -------
     ExtractionResult
-        Counts, unreadable inputs (listed, not raised: one bad file does not stop the run) and
+        Counts, unreadable inputs (listed, not raised: one bad file or text does not stop the run) and
         :meth:`ExtractionResult.features` to read the features back in input order.
+
+    Raises
+    ------
+    StoreWriteError
+        When the store cannot be written (full disk, file-size limit, read-only folder); it names the store and
+        the system's error. Segments completed before it stay, so a rerun resumes from them.
     """
     from tqdm.auto import tqdm
 
@@ -106,7 +118,7 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
         if client is None:
             extractor.fit()
             for start, stop in shards:
-                _collect(result, start, _run_shard(extractor, _slice(inputs, start, stop)), bar)
+                _collect(result, start, _run_shard(extractor, _slice(inputs, start, stop), start), bar)
         else:
             if not isinstance(extractor.model, (str, os.PathLike)):
                 raise ValueError("On a Dask cluster the model must be a hub id, a folder or 'embedded:NAME', so "
@@ -115,13 +127,16 @@ def extract(extractor, inputs, store=None, *, client=None, shard_size: int = 204
 
             extractor.fit()  # check the parameters here, before any task is sent
             futures = {
-                client.submit(_run_shard, extractor, _slice(inputs, start, stop), pure=False, retries=retries,
+                client.submit(_run_shard, extractor, _slice(inputs, start, stop), start, pure=False, retries=retries,
                               key=f"difffeat-shard-{start}-{os.urandom(4).hex()}"): start
                 for start, stop in shards
             }
-            for future in as_completed(futures):
-                _collect(result, futures[future], future.result(), bar)
-                future.release()
+            try:
+                for future in as_completed(futures):
+                    _collect(result, futures[future], future.result(), bar)
+                    future.release()
+            finally:  # after an error (a store that cannot be written), stop the shards still queued or running
+                client.cancel([future for future in futures if not future.done()])
     bar.set_postfix_str(result.summary())
     return result
 
@@ -132,18 +147,45 @@ def _slice(inputs, start, stop):
     return inputs[start:stop]
 
 
-def _run_shard(extractor, inputs) -> TransformReport:
-    """One task: extract a shard into the store (skipping what is stored); return the work report."""
-    import multiprocessing
-
-    if multiprocessing.current_process().daemon and extractor.num_workers != 0:
-        # Dask runs workers as daemon processes, which may not start the DataLoader's decoding processes; the
-        # worker then decodes in-process (start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False to lift it).
-        extractor.set_params(num_workers=0)
+def _run_shard(extractor, inputs, offset: int) -> TransformReport:
+    """One task: extract a shard (inputs ``offset`` onwards) into the store, skipping what is stored; return the
+    work report. A store that cannot be written raises (``on_store_error="raise"``)."""
+    _use_worker_cores()
     if not hasattr(extractor, "n_features_out_"):
         extractor = extractor.fit()
-    _, report = extractor.transform_with_report(inputs, on_error="record")
+    _, report = extractor.transform_with_report(inputs, on_error="record", on_store_error="raise", offset=offset)
     return report
+
+
+_WORKER_CORES_SET = []  # once per process
+
+
+def _use_worker_cores() -> None:
+    """In a Dask worker, give torch the cores this worker owns.
+
+    A Dask nanny starts each worker with ``OMP_NUM_THREADS=1`` (``distributed.nanny.pre-spawn-environ``), so torch
+    computes on one thread there. When torch has one thread, it gets the cores this process may run on
+    (``os.sched_getaffinity``), shared evenly by the workers on this machine. A worker pinned to fewer cores
+    (``taskset``) or given more threads than one by its own settings is left as it is.
+    """
+    if _WORKER_CORES_SET:
+        return
+    _WORKER_CORES_SET.append(True)
+    try:
+        from distributed import get_client, get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a Dask worker
+        return
+    import torch
+
+    if torch.get_num_threads() != 1:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = get_client().scheduler_info(n_workers=-1)["workers"].values()
+    local = sum(1 for info in workers if info.get("host") == worker.ip) or 1
+    if cores // local > 1:
+        torch.set_num_threads(cores // local)
 
 
 def _collect(result: ExtractionResult, start: int, report: TransformReport, bar) -> None:

@@ -280,7 +280,7 @@ def test_joblib_round_trip_reloads_weights(tiny_dit_dir, rgb_images, tmp_path):
         (np.zeros((16, 16, 3), np.uint8), r"looks like one \(H, W, C\) image; pass a batch of one as X\[None\]"),
         ([np.zeros((16, 16, 3)), np.full((16, 16, 3), np.nan)], "Image 1: contains NaN"),
         ([np.zeros((16, 16, 3)), np.full((16, 16, 3), 2.0)], r"Image 1: float pixels must lie in \[0, 1\]"),
-        ([np.zeros((16, 16, 3), np.uint8), "no/such/file.png"], "Image 1: cannot read file"),
+        ([np.zeros((16, 16, 3), np.uint8), "no/such/file.png"], r"Image 1 \('no/such/file\.png'\): cannot read file"),
         ([np.zeros((16, 16, 3), np.uint8), 42], "Image 1: expected a PIL image"),
         ([np.zeros((16, 16, 3), np.uint8), np.zeros((0, 16, 3), np.uint8)], "Image 1: empty"),
         ([np.zeros((16, 16, 3), np.complex64)], "Image 0: unsupported dtype"),
