@@ -81,11 +81,11 @@ class FeatureLayout:
 class TransformReport:
     """What a transform did with each input.
 
-    Attributes
-    ----------
     Each input position is counted once, in exactly one of ``computed``, ``stored`` and ``failed``, so that
     ``computed + stored + len(failed) == n_samples`` (an input repeated within the call counts at each position).
 
+    Attributes
+    ----------
     keys : ndarray of shape (n_samples,)
         Content key of each input (32 hex characters as bytes), in input order: the store's key of its features.
     computed : int
