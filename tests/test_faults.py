@@ -189,6 +189,10 @@ def test_broken_images_on_a_dask_worker(tiny_dit_dir, mixed_inputs, tmp_path):
             assert_nothing_stored(tmp_path / "store", result.keys[bad])
         assert (result.computed, result.already_stored) == (0, 4)
         threads = client.run(lambda: __import__("torch").get_num_threads())
+        # Fault 2 on Dask: a worker that cannot write the store fails the run with the store's error.
+        client.run(_limit_file_size, 1 << 10)  # 1 KiB: a segment of 3 clean latents exceeds it
+        with pytest.raises(StoreWriteError, match=str(tmp_path / "full")):
+            extract(ext, inputs, tmp_path / "full", client=client, shard_size=3, progress=False)
     cores = len(os.sched_getaffinity(0))
     assert list(threads.values()) == [cores]  # the worker's torch uses the cores it owns, not the nanny's 1
 
@@ -229,8 +233,9 @@ def test_read_only_store_fails_extract(tiny_dit_dir, rgb_images, tmp_path, monke
         (tmp_path / "ro").chmod(0o700)
 
 
-def _limit_file_size():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))  # 16 KiB: the store's segments exceed it
+def _limit_file_size(size=16 << 10):
+    """RLIMIT_FSIZE for this process (default 16 KiB, which the store's segments exceed)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def test_file_size_limit_fails_the_command_without_hanging(tmp_path):
@@ -444,3 +449,18 @@ def test_truncation_is_per_call_under_threads():
     finally:
         sys.setswitchinterval(switch)
     assert errors == []
+
+
+def test_command_local_clusters_start_workers_that_may_decode_in_processes():
+    """Parallel decoding: the command's local cluster starts non-daemon workers, so that extractors there can
+    start DataLoader decoding processes."""
+    import argparse
+    import contextlib
+
+    from sklearn_difffeat import _extract_cli
+
+    args = argparse.Namespace(scheduler=None, local_gpus=None, local_workers=1)
+    with contextlib.ExitStack() as stack:
+        client = _extract_cli._client(args, stack)
+        daemon = client.run(lambda: multiprocessing.current_process().daemon)
+    assert list(daemon.values()) == [False]

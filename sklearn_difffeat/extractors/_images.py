@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from ..store import KEY_LENGTH
 from ._files import content_key, file_key, read_file
 from ._inputs import single_column
-from ._parallel import ordered_batches, processes_usable
+from ._parallel import loader_context, ordered_batches, processes_usable
 
 # Bump when decoding or resizing changes: keys of file inputs are hashes of the file bytes, so the namespace
 # of cached latents and features must name the preprocessing that turned those bytes into pixels.
@@ -201,7 +201,7 @@ def decode_batches(samples: ImageSamples, positions: np.ndarray, batch_size: int
             try:
                 loader = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                                           collate_fn=collate_images, pin_memory=pin_memory,
-                                                          prefetch_factor=4))
+                                                          prefetch_factor=4, multiprocessing_context=loader_context()))
             except OSError:  # no processes to be had here (fork refused, no shared memory): threads decode
                 loader = None
         if loader is not None:
