@@ -190,7 +190,7 @@ def test_broken_images_on_a_dask_worker(tiny_dit_dir, mixed_inputs, tmp_path):
         assert (result.computed, result.already_stored) == (0, 4)
         threads = client.run(lambda: __import__("torch").get_num_threads())
         # Fault 2 on Dask: a worker that cannot write the store fails the run with the store's error.
-        client.run(_limit_file_size, 1 << 10)  # 1 KiB: a segment of 3 clean latents exceeds it
+        client.run(_limit_file_size, 100)  # bytes: the store's settings file exceeds it
         with pytest.raises(StoreWriteError, match=str(tmp_path / "full")):
             extract(ext, inputs, tmp_path / "full", client=client, shard_size=3, progress=False)
     cores = len(os.sched_getaffinity(0))
