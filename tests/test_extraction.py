@@ -271,7 +271,7 @@ def test_sixteen_bit_and_float_images_are_scaled_or_refused(tiny_dit_dir, tmp_pa
     expected = np.repeat(eight[..., None], 3, axis=-1)
     for name in ("deep.png", "unit.tiff"):
         np.testing.assert_array_equal(_images.to_uint8_images([str(tmp_path / name)], 16)[0], expected)
-    with pytest.raises(ValueError, match=r"Image 0 \('.*raw\.tiff'\): a floating-point image \(mode F\) must hold values in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"Image 0 \('.*raw\.tiff'\): a floating-point image \(mode F\) must hold"):
         _images.to_uint8_images([str(tmp_path / "raw.tiff")], 16)
     Image.fromarray(np.full((16, 16), 70000, dtype=np.int32)).save(tmp_path / "wide.tiff")
     with pytest.raises(ValueError, match=r"Image 1 \('.*wide\.tiff'\): 32-bit integer images"):

@@ -1,5 +1,6 @@
 """fault-injection tests; each test names the fault it covers"""
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -142,7 +143,8 @@ def test_decoding_paths_give_identical_features_and_failures(tiny_dit_dir, mixed
     for path, workers in (("in-process", 0), ("dataloader", 2), ("threads", 2)):
         if path == "threads":
             monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
-        runs[path] = dit(tiny_dit_dir, num_workers=workers, batch_size=3).transform_with_report(inputs, on_error="record")
+        ext = dit(tiny_dit_dir, num_workers=workers, batch_size=3)
+        runs[path] = ext.transform_with_report(inputs, on_error="record")
     for path in ("dataloader", "threads"):
         np.testing.assert_array_equal(runs[path][0], runs["in-process"][0])
         assert runs[path][1].failed == runs["in-process"][1].failed
@@ -301,12 +303,10 @@ def test_only_regular_files_are_read(tiny_dit_dir, rgb_images, tmp_path):
     inputs = [good, "/dev/zero", str(fifo), str(tmp_path / "folder.png")]
     ext = dit(tiny_dit_dir, num_workers=0)
     try:
-        features, report = _in_thread(lambda: ext.transform_with_report(inputs, on_error="record"))
+        _, report = _in_thread(lambda: ext.transform_with_report(inputs, on_error="record"))
     finally:  # unblock a reader stuck on the FIFO
-        try:
+        with contextlib.suppress(OSError):
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
     assert sorted(report.failed) == [1, 2, 3]
     assert all("not a regular file" in message for message in report.failed.values())
     assert "a character device" in report.failed[1] and "a FIFO" in report.failed[2] and "a folder" in report.failed[3]
@@ -348,8 +348,8 @@ def test_a_file_rewritten_after_hashing_is_refused(tiny_dit_dir, rgb_images, tmp
 
     monkeypatch.setattr(_images.ImageSamples, "keys", keys_then_rewrite)
     for workers in (0, 2):
-        features, report = dit(tiny_dit_dir, cache=str(tmp_path / "s"), num_workers=workers).transform_with_report(
-            paths, on_error="record")
+        ext = dit(tiny_dit_dir, cache=str(tmp_path / "s"), num_workers=workers)
+        _, report = ext.transform_with_report(paths, on_error="record")
         assert list(report.failed) == [1] and "changed after it was hashed" in report.failed[1]
         assert_nothing_stored(tmp_path / "s", report.keys[[1]])
         Image.fromarray(rgb_images[1]).save(paths[1])
@@ -455,7 +455,6 @@ def test_command_local_clusters_start_workers_that_may_decode_in_processes():
     """Parallel decoding: the command's local cluster starts non-daemon workers, so that extractors there can
     start DataLoader decoding processes."""
     import argparse
-    import contextlib
 
     from sklearn_difffeat import _extract_cli
 
