@@ -10,10 +10,10 @@ import os
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .._sklearn_compat import Interval, StrOptions, fit_context
 from ..backbones.base import resolve_blocks
 from ..store import FeatureStore, stable_hash
 from ._engine import Batch, BatchResult, FeatureLayout, TransformRun, read_stored_into
@@ -105,7 +105,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         tags.non_deterministic = False
         return tags
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Check the parameters against the model. Nothing is learned from X.
 

@@ -7,8 +7,8 @@ import numbers
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval, StrOptions
 
+from .._sklearn_compat import Interval, StrOptions
 from ..backbones.dit import load_dit_backbone
 from ..store import stable_hash
 from ._base import BaseDiffusionFeatureExtractor

@@ -7,8 +7,8 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval, StrOptions
 
+from .._sklearn_compat import Interval, StrOptions
 from ..backbones.text import is_text_backbone, load_text_backbone, loglinear_sigma
 from ._base import BaseDiffusionFeatureExtractor
 from ._engine import Batch, BatchResult, TimestepFeatures, pool_tokens
