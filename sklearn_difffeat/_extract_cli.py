@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import time
@@ -21,7 +23,8 @@ def add_parser(subparsers) -> None:
         help="extract diffusion features of many images or texts into a feature store (resumable, Dask-ready)",
         description="Extract the features of many inputs into a feature store, shard by shard. Samples already "
                     "in the store are skipped, so an interrupted run resumes where it stopped. Unreadable files "
-                    "are listed in a failures file and do not stop the run.",
+                    "are listed in a failures file and do not stop the run; a store that cannot be written (full "
+                    "disk, file-size limit, read-only folder) does, with a non-zero exit.",
     )
     p.add_argument("--model", required=True,
                    help="hub id (facebook/DiT-XL-2-256, kuleshov-group/mdlm-owt), model folder, or embedded:NAME")
@@ -66,8 +69,8 @@ def add_parser(subparsers) -> None:
     cluster.add_argument("--local-workers", type=int, metavar="N",
                          help="start a local Dask cluster of N CPU worker processes")
     p.add_argument("--failures", type=Path, default=None,
-                   help="where to list unreadable inputs, one per line with the reason "
-                        "(default: <store>/failures-<time>.tsv, written only when something failed)")
+                   help="where to list unreadable inputs, as JSON lines {\"position\", \"input\", \"error\"} "
+                        "(default: <store>/failures-<time>.jsonl, written only when something failed)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="where to write the manifest: each input's id (path or row), content key and status, and "
                         "the extractor's parameters, as parquet, for `sklearn-difffeat export` "
@@ -90,30 +93,31 @@ def run(args) -> int:
 def _run(args) -> int:
     inputs, is_text = read_inputs(args.input, args.text_column, args.image_column, args.image_key, args.text_key)
     extractor = _extractor(args, is_text)
-    client, cluster = _client(args)
     from .extraction import extract
     from .manifest import default_manifest_path
 
     manifest = args.manifest or default_manifest_path(args.store, args.input.stem or "extract")
-    try:
+    with contextlib.ExitStack() as stack:
+        client = _client(args, stack)
         started = time.perf_counter()
         result = extract(extractor, inputs, args.store, client=client, shard_size=args.shard_size,
                          progress=not args.quiet, manifest=manifest)
         seconds = time.perf_counter() - started
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
     print(f"{result.summary()} in {seconds:.1f} s; store: {args.store}; manifest: {result.manifest}")
     if result.failed:
-        path = args.failures or args.store / f"failures-{time.strftime('%Y%m%d-%H%M%S')}.tsv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as handle:
-            for position, reason in sorted(result.failed.items()):
-                handle.write(f"{result.ids[position]}\t{reason}\n")
+        path = args.failures or args.store / f"failures-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        write_failures(path, result.ids, result.failed)
         print(f"{len(result.failed)} unreadable inputs are listed in {path}")
     return 0
+
+
+def write_failures(path: Path, ids, failed: dict) -> None:
+    """One JSON object a line, ``{"position", "input", "error"}`` (the input by its id: a path, ``shard.tar/key``,
+    ``table.parquet#row`` or a position), by position: names with a tab or a newline survive."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for position, error in sorted(failed.items()):
+            handle.write(json.dumps({"position": position, "input": str(ids[position]), "error": error}) + "\n")
 
 
 def read_inputs(path: Path, text_column: str | None, image_column: str, image_key: str | None = None,
@@ -210,25 +214,41 @@ def _extractor(args, is_text: bool):
     return DiTFeatureExtractor(args.model, block=args.block or [12], timestep=steps, compile=args.compile, **common)
 
 
-def _client(args):
+def _client(args, stack: contextlib.ExitStack):
+    """The Dask client the arguments ask for (None: run in this process), closed with ``stack``.
+
+    Local clusters start non-daemon workers, which may start DataLoader decoding processes; the setting stays on
+    while the cluster lives, so that a worker the nanny restarts is started the same way. Starting one leaves the
+    nanny's worker settings (``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``) in this process's environment,
+    where they would slow every process started later (joblib's workers, for one): the environment is put back.
+    """
     if not (args.scheduler or args.local_gpus or args.local_workers):
-        return None, None
+        return None
     try:
+        import dask
         from dask.distributed import Client, LocalCluster
     except ImportError as exc:
         raise CommandError("Dask is not installed: pip install 'sklearn-difffeat[dask]'") from exc
     if args.scheduler:
-        return Client(args.scheduler), None
+        return stack.enter_context(Client(args.scheduler))
+    stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
     if args.local_gpus:
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
             raise CommandError("--local-gpus needs dask-cuda (pip install dask-cuda), or start one `dask worker` "
                                "per GPU with CUDA_VISIBLE_DEVICES and pass --scheduler") from exc
-        cluster = LocalCUDACluster(n_workers=args.local_gpus, threads_per_worker=1)
-    else:
-        cluster = LocalCluster(n_workers=args.local_workers, threads_per_worker=1, processes=True)
-    return Client(cluster), cluster
+    environment = dict(os.environ)
+    try:
+        if args.local_gpus:
+            cluster = LocalCUDACluster(n_workers=args.local_gpus, threads_per_worker=1)
+        else:
+            cluster = LocalCluster(n_workers=args.local_workers, threads_per_worker=1, processes=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    stack.enter_context(cluster)
+    return stack.enter_context(Client(cluster))
 
 
 def main_parser() -> argparse.ArgumentParser:  # for `sklearn-difffeat extract --help` in the docs

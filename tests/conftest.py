@@ -1,6 +1,7 @@
 """Tiny random models with the real architectures, saved in the real folder layouts (no downloads)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -92,6 +93,18 @@ def build_tiny_dit_pipeline(folder, with_vae=True, seed=0, sample_size=8, patch_
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Put back the environment variables a test changed. Starting a Dask LocalCluster sets the nanny's worker
+    settings (``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``) in this process's own environment and leaves them,
+    which would give every subprocess a later test starts one torch thread (and other float rounding)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@
 * no function or method body above 60 lines (docstring excluded) in ``sklearn_difffeat/``, ``benchmarks/`` and
   ``examples/``;
 * no import of a private name of one package of the library from another (outside ``tests/``);
+* scikit-learn's private modules and names are imported in ``sklearn_difffeat/_sklearn_compat.py`` alone;
 * ``ruff check .`` is clean.
 """
 
@@ -169,6 +170,27 @@ def test_no_private_name_is_imported_from_another_package():
     fail_on(offences, "no import of another package's private module or name")
 
 
+SKLEARN_COMPAT = f"{PACKAGE}/_sklearn_compat.py"
+
+
+def sklearn_private_imports(path, tree=None):
+    """Each import in ``path`` of a private scikit-learn module or name (a dotted part starting with ``_``)."""
+    offences = []
+    for node in ast.walk(tree or parse(path)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+            for dotted in imported_paths(node, ""):
+                parts = dotted.split(".")
+                if parts[0] == "sklearn" and any(part.startswith("_") for part in parts[1:]):
+                    offences.append(f"{relative(path)}:{node.lineno} imports {dotted}")
+    return offences
+
+
+def test_scikit_learn_private_api_is_used_in_one_module_only():
+    offences = [o for path in python_files(PACKAGE, "benchmarks", "examples") if relative(path) != SKLEARN_COMPAT
+                for o in sklearn_private_imports(path)]
+    fail_on(offences, f"scikit-learn's private API is imported in {SKLEARN_COMPAT} alone")
+
+
 def test_ruff_is_clean():
     if importlib.util.find_spec("ruff") is None:
         pytest.skip("ruff is not installed in this environment (pip install -e '.[test]' installs it)")
@@ -215,3 +237,15 @@ class C:
 ])
 def test_the_private_import_rule_on_known_cases(importer, statement, allowed):
     assert (private_import_offences(ROOT / importer, ast.parse(statement)) == []) is allowed
+
+
+@pytest.mark.parametrize("statement, offends", [
+    ("from sklearn.utils._param_validation import Interval", True),
+    ("from sklearn.base import _fit_context", True),
+    ("import sklearn.model_selection._search", True),
+    ("from sklearn.base import BaseEstimator, clone", False),
+    ("from .._sklearn_compat import Interval", False),
+])
+def test_the_scikit_learn_private_import_rule_on_known_cases(statement, offends):
+    path = ROOT / PACKAGE / "example.py"
+    assert bool(sklearn_private_imports(path, ast.parse(statement))) == offends

@@ -132,6 +132,24 @@ def test_features_do_not_depend_on_batch_or_order(tiny_dit_dir, rgb_images):
     np.testing.assert_allclose(alone, reference[4:5], atol=1e-5)
 
 
+def test_batch_size_changes_noise_never_and_features_only_by_float32_rounding(tiny_pixel_dit_dir):
+    """The noisy model input is bit-identical for any batch size (pixel space: nothing batched comes before it);
+    features agree within the bound docs/guide.md states: 1e-6 times the largest feature value."""
+    images = np.random.default_rng(2).integers(0, 256, size=(64, 8, 8, 3), dtype=np.uint8)
+    inputs, features = {}, {}
+    for batch in (1, 7, 64):
+        ext = DiTFeatureExtractor(str(tiny_pixel_dit_dir), block=[1, 3, 5], timestep=[0, 100, 500],
+                                  batch_size=batch).fit(None)
+        seen, handle = _capture_noisy_inputs(ext)
+        features[batch] = ext.transform(images)
+        handle.remove()
+        per_step = [torch.cat(seen[i::3]) for i in range(3)]  # the batches of each timestep, in input order
+        inputs[batch] = torch.stack(per_step)
+    for batch in (1, 7):
+        assert torch.equal(inputs[batch], inputs[64])
+        assert np.abs(features[batch] - features[64]).max() <= 1e-6 * np.abs(features[64]).max()
+
+
 def test_features_identical_across_processes(tiny_dit_dir, rgb_images, tmp_path):
     np.save(tmp_path / "x.npy", rgb_images)
     script = (
@@ -280,7 +298,7 @@ def test_joblib_round_trip_reloads_weights(tiny_dit_dir, rgb_images, tmp_path):
         (np.zeros((16, 16, 3), np.uint8), r"looks like one \(H, W, C\) image; pass a batch of one as X\[None\]"),
         ([np.zeros((16, 16, 3)), np.full((16, 16, 3), np.nan)], "Image 1: contains NaN"),
         ([np.zeros((16, 16, 3)), np.full((16, 16, 3), 2.0)], r"Image 1: float pixels must lie in \[0, 1\]"),
-        ([np.zeros((16, 16, 3), np.uint8), "no/such/file.png"], "Image 1: cannot read file"),
+        ([np.zeros((16, 16, 3), np.uint8), "no/such/file.png"], r"Image 1 \('no/such/file\.png'\): cannot read file"),
         ([np.zeros((16, 16, 3), np.uint8), 42], "Image 1: expected a PIL image"),
         ([np.zeros((16, 16, 3), np.uint8), np.zeros((0, 16, 3), np.uint8)], "Image 1: empty"),
         ([np.zeros((16, 16, 3), np.complex64)], "Image 0: unsupported dtype"),

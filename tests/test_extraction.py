@@ -104,8 +104,8 @@ def test_fully_stored_run_over_paths_decodes_nothing(tiny_dit_dir, rgb_images, t
     ext = ext_for(tiny_dit_dir, cache=str(tmp_path / "store"), num_workers=0)
     first = ext.transform(files)
     decoded = []
-    real = _images.load_image
-    monkeypatch.setattr(_images, "load_image", lambda *a: decoded.append(a[1]) or real(*a))
+    real = _images.decode_image  # every decoding path (in-process, threads, DataLoader workers) goes through it
+    monkeypatch.setattr(_images, "decode_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
     counter = PassCounter(ext)
     np.testing.assert_array_equal(ext.transform(files), first)
     assert decoded == [] and counter.passes == 0
@@ -271,10 +271,10 @@ def test_sixteen_bit_and_float_images_are_scaled_or_refused(tiny_dit_dir, tmp_pa
     expected = np.repeat(eight[..., None], 3, axis=-1)
     for name in ("deep.png", "unit.tiff"):
         np.testing.assert_array_equal(_images.to_uint8_images([str(tmp_path / name)], 16)[0], expected)
-    with pytest.raises(ValueError, match=r"Image 0: a floating-point image \(mode F\) must hold values in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"Image 0 \('.*raw\.tiff'\): a floating-point image \(mode F\) must hold"):
         _images.to_uint8_images([str(tmp_path / "raw.tiff")], 16)
     Image.fromarray(np.full((16, 16), 70000, dtype=np.int32)).save(tmp_path / "wide.tiff")
-    with pytest.raises(ValueError, match="Image 1: 32-bit integer images"):
+    with pytest.raises(ValueError, match=r"Image 1 \('.*wide\.tiff'\): 32-bit integer images"):
         ext_for(tiny_dit_dir).transform([str(tmp_path / "deep.png"), str(tmp_path / "wide.tiff")])
 
 
@@ -343,7 +343,7 @@ def test_transform_with_report_records_unreadable_files_by_position(tiny_dit_dir
     inputs = [files[0], str(tmp_path / "broken.png"), files[1], files[2], str(tmp_path / "absent.png"), files[3],
               files[0]]
     ext = ext_for(tiny_dit_dir, num_workers=0)
-    with pytest.raises(ValueError, match=r"Image 4: cannot read file .*absent\.png"):
+    with pytest.raises(ValueError, match=r"Image 4 \('.*absent\.png'\): cannot read file \(No such file"):
         ext.transform(inputs)
     with pytest.raises(ValueError, match="on_error must be 'raise' or 'record'"):
         ext.transform_with_report(inputs, on_error="skip")
@@ -353,7 +353,7 @@ def test_transform_with_report_records_unreadable_files_by_position(tiny_dit_dir
     assert np.isnan(features[[1, 4]]).all()
     good = [0, 2, 3, 5, 6]
     np.testing.assert_array_equal(features[good], ext.transform([inputs[i] for i in good]))
-    assert report.computed == 4 and report.stored == 0  # four distinct readable files, no store
+    assert report.computed == 5 and report.stored == 0  # five readable inputs (four distinct files), no store
     assert len(report.keys) == len(inputs) and report.keys[0] == report.keys[6]
 
 
@@ -385,5 +385,5 @@ def test_to_uint8_images_decodes_alike_in_workers_and_names_a_bad_file(rgb_image
     np.testing.assert_array_equal(_images.to_uint8_images(files, 16, num_workers=2, batch_size=3), here)
     (tmp_path / "broken.jpg").write_bytes(b"not a picture")
     for workers in (0, 2):
-        with pytest.raises(ValueError, match="Image 4: cannot read file"):
+        with pytest.raises(ValueError, match=r"Image 4 \('.*broken\.jpg'\): cannot read file as an image"):
             _images.to_uint8_images([*files[:4], str(tmp_path / "broken.jpg"), *files[4:]], 16, num_workers=workers)

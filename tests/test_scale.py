@@ -1,5 +1,6 @@
 """Sharded extraction in this process and on a Dask cluster, searches over the store, and the extract command."""
 
+import json
 import os
 import signal
 import subprocess
@@ -184,12 +185,13 @@ def test_extract_command_lists_bad_files_and_resumes(mosaics, tmp_path):
     (folder / "05.jpg").write_bytes(b"not a jpeg at all")
     store = tmp_path / "store"
     args = ["--model", "embedded:fashion-dit", "--block", "3", "-1", "--timestep", "0", "200", "--input", folder,
-            "--store", store, "--shard-size", "5", "--quiet", "--failures", tmp_path / "failed.tsv"]
+            "--store", store, "--shard-size", "5", "--quiet", "--failures", tmp_path / "failed.jsonl"]
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     assert "11 samples computed, 0 already stored, 1 failed" in first.stdout
-    listed = (tmp_path / "failed.tsv").read_text().splitlines()
-    assert len(listed) == 1 and listed[0].startswith(str(folder / "05.jpg")) and "cannot read" in listed[0]
+    listed = [json.loads(line) for line in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert len(listed) == 1 and listed[0]["input"] == str(folder / "05.jpg") and listed[0]["position"] == 5
+    assert "cannot read" in listed[0]["error"]
     assert {FeatureStore(store).count(name) for name in FeatureStore(store).namespaces()} == {11}
     second = cli(*args)
     assert second.returncode == 0 and "0 samples computed, 11 already stored, 1 failed" in second.stdout

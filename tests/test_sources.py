@@ -93,7 +93,7 @@ def test_encoded_bytes_and_hf_dicts_are_the_files(corpus):
         np.testing.assert_array_equal(features, corpus["features"])  # same key, same noise, same pixels
     assert corpus["keys"][0] == file_key(blobs[0])
     bad = [blobs[0], b"\xff\xd8 not a jpeg", blobs[2]]
-    with pytest.raises(ValueError, match=r"Image 1: cannot read image bytes \(13 bytes\) \(not an image format PIL"):
+    with pytest.raises(ValueError, match=r"Image 1: cannot read the 13 image bytes given as an image \(not an image"):
         ext.transform(bad)
     features, report = ext.transform_with_report(bad, on_error="record")
     assert list(report.failed) == [1] and np.isnan(features[1]).all() and np.isfinite(features[[0, 2]]).all()
@@ -113,7 +113,7 @@ def test_webdataset_shards_extract_the_good_samples_and_list_the_bad(corpus, tmp
     result = extract(image_extractor(), source, tmp_path / "store", shard_size=4, progress=False)
     assert list(result.ids) == [f"{tar}/{i:09d}" for i in range(N)]
     assert sorted(result.failed) == [2, 7]
-    assert result.failed[2].startswith(f"{tar}/000000002: ") and "cannot read image bytes" in result.failed[2]
+    assert result.failed[2].startswith(f"{tar}/000000002: ") and "image bytes given as an image" in result.failed[2]
     assert result.failed[7] == f"{tar}/000000007: no .jpg or .jpeg or .png or .webp member (it has: .txt, .json)"
     good = [i for i in range(N) if i not in (2, 7)]
     assert result.computed == len(good)
@@ -302,12 +302,12 @@ def test_cli_reads_tar_shards_parquet_bytes_and_saved_datasets(corpus, hf_datase
     folder.mkdir()
     write_tar(folder / "00000.tar", img2dataset_members(corpus, range(0, 5), replace={(1, "jpg"): b"junk"}))
     write_tar(folder / "00001.tar", img2dataset_members(corpus, range(5, N), drop={(6, "jpg")}))
-    store, failures = tmp_path / "store", tmp_path / "failed.tsv"
+    store, failures = tmp_path / "store", tmp_path / "failed.jsonl"
     for spec in (folder / "{00000..00001}.tar", folder):
         code, out, err = run_cli(capsys, "--input", spec, "--store", store, "--shard-size", "3", "--failures",
                                  failures)
         assert code == 0, err
-        listed = [line.split("\t")[0] for line in failures.read_text().splitlines()]
+        listed = [json.loads(line)["input"] for line in failures.read_text().splitlines()]
         assert listed == [f"{folder}/00000.tar/000000001", f"{folder}/00001.tar/000000006"]
     assert "0 samples computed, 8 already stored, 2 failed" in out
     hf_dataset.to_parquet(str(tmp_path / "table.parquet"))

@@ -10,14 +10,15 @@ import os
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .._sklearn_compat import Interval, StrOptions, fit_context
 from ..backbones.base import resolve_blocks
 from ..store import FeatureStore, stable_hash
 from ._engine import Batch, BatchResult, FeatureLayout, TransformRun, read_stored_into
 from ._identity import ModelIdentity, ResolvedModel
+from ._inputs import check_offset
 from ._runtime import cached_backbone, default_workers, open_store, resolve_device, resolve_dtype
 
 
@@ -79,14 +80,15 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
             "dtype": str(backbone.dtype).replace("torch.", ""),
         }
 
-    def _samples(self, X, backbone):
-        """Validate X as a container; return an object with ``len()`` and ``keys(workers, errors)`` (content keys;
-        a sample that cannot be keyed raises, or is recorded in the ``errors`` dict when one is given)."""
+    def _samples(self, X, backbone, offset: int):
+        """Validate X as a container; return an object with ``len()``, ``keys(workers, errors)`` (content keys; a
+        sample that cannot be keyed raises, or its reason is recorded in the ``errors`` dict when one is given) and
+        ``failure(position, reason)`` (the message naming the sample as input ``offset + position``)."""
         raise NotImplementedError
 
     def _batches(self, run: TransformRun, samples, backbone, todo: np.ndarray):
         """Yield :class:`Batch` es covering the distinct samples ``todo`` (indices into ``run.keys``); report
-        unreadable samples with ``run.fail``."""
+        unreadable samples with ``run.fail(row, reason)`` and leave them out of their batch."""
         raise NotImplementedError
 
     def _compute(self, run: TransformRun, backbone, batch: Batch, plan) -> BatchResult:
@@ -103,7 +105,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         tags.non_deterministic = False
         return tags
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Check the parameters against the model. Nothing is learned from X.
 
@@ -129,7 +131,7 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         """
         return self.transform_with_report(X)[0]
 
-    def transform_with_report(self, X, *, on_error="raise"):
+    def transform_with_report(self, X, *, on_error="raise", on_store_error="warn", offset=0):
         """Features, as :meth:`transform` returns them, and a report of what the call did.
 
         Parameters
@@ -137,9 +139,19 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         X : images or texts
             What :meth:`transform` takes.
         on_error : {"raise", "record"}, default="raise"
-            What an input that cannot be read (a missing or undecodable image file) does: ``"raise"`` raises a
-            ``ValueError`` naming it; ``"record"`` lists it in the report's ``failed``, gives it a row of NaN and
-            goes on with the other inputs. Invalid containers and parameters raise in both cases.
+            What an input that cannot be read (a missing or undecodable image file, an empty or invalid text) does:
+            ``"raise"`` raises a ``ValueError`` naming it; ``"record"`` lists it in the report's ``failed``, gives
+            it a row of NaN, stores nothing of it and goes on with the other inputs. Invalid containers and
+            parameters raise in both cases.
+        on_store_error : {"warn", "raise"}, default="warn"
+            What a ``cache`` that cannot be written (full disk, read-only folder, file-size limit) does: ``"warn"``
+            warns once and goes on computing without storing (the store is an optimisation here); ``"raise"``
+            raises the store's ``StoreWriteError`` (for runs whose point is to fill the store, as
+            :func:`~sklearn_difffeat.extract`). Segments completed before the error stay in both cases.
+        offset : int or 1-D array of int, default=0
+            Position of ``X[0]`` in a larger input that ``X`` is a part of (or the position of each sample of
+            ``X``, for a part that is not contiguous): messages name inputs by their position in the whole input.
+            The report's positions stay positions in ``X``.
 
         Returns
         -------
@@ -152,15 +164,18 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "n_features_out_")
         if on_error not in ("raise", "record"):
             raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}.")
+        if on_store_error not in ("warn", "raise"):
+            raise ValueError(f"on_store_error must be 'warn' or 'raise', got {on_store_error!r}.")
+        offset = check_offset(offset)
         resolved = self._resolved()
-        samples, run = self._plan(X, resolved, on_error)
+        samples, run = self._plan(X, resolved, on_error, on_store_error, offset)
         if len(run.todo) == 0:  # the store served everything: no model needed
             return run.execute(iter(()), None, desc=type(self).__name__, verbose=self.verbose)
         backbone = self._backbone()
         loaded = ResolvedModel.of(backbone)
         if loaded != resolved:  # a record that disagrees with the weights: trust the weights
             self._record(loaded)
-            samples, run = self._plan(X, loaded, on_error)
+            samples, run = self._plan(X, loaded, on_error, on_store_error, offset)
         batches = self._batches(run, samples, backbone, run.todo)
         return run.execute(batches, lambda batch, plan: self._compute(run, backbone, batch, plan),
                            desc=type(self).__name__, verbose=self.verbose)
@@ -217,11 +232,11 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         out[~complete.all(axis=1)] = np.nan
         return out.reshape(n, -1)
 
-    def _plan(self, X, resolved, on_error: str):
-        samples = self._samples(X, resolved)
-        return samples, self._start_run(resolved, samples, on_error)
+    def _plan(self, X, resolved, on_error: str, on_store_error: str, offset):
+        samples = self._samples(X, resolved, offset)
+        return samples, self._start_run(resolved, samples, on_error, on_store_error)
 
-    def _start_run(self, backbone, samples, on_error: str) -> TransformRun:
+    def _start_run(self, backbone, samples, on_error: str, on_store_error: str) -> TransformRun:
         """Key the samples and start a run over them; each pass computes the requested blocks, or with a cache and
         ``cache_depth``, every block up to that depth."""
         blocks = resolve_blocks(self.block, backbone.num_blocks)
@@ -232,7 +247,8 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         unreadable = {} if on_error == "record" else None
         keys = samples.keys(self._workers(), unreadable)
         device = self._placement()[0]
-        return TransformRun.plan(keys, blocks, layout, store, self.batch_size, device, on_error, unreadable)
+        return TransformRun.plan(keys, blocks, layout, store, self.batch_size, device, on_error, unreadable,
+                                 samples.failure, on_store_error)
 
     def _layout(self, backbone, blocks=None) -> FeatureLayout:
         """The :class:`FeatureLayout` of ``blocks`` (default: the requested ones) for this model."""

@@ -11,6 +11,11 @@ a batch (:class:`BatchResult`). A :class:`TransformRun` does the rest:
 4. copy results back asynchronously, so the device computes batch k + 1 while the host stores batch k, and
    append them to the store segment by segment, so an interrupted run keeps what it finished.
 
+A sample that cannot be read fails alone: it is left out of its batch, so nothing of it (no latent, no feature)
+is ever computed or stored, and its row is NaN. A store that cannot be written is handled as the run says
+(``on_store_error``): where the store is the point of the run (``extract``), the error fails the run; where it is
+an optimisation (``transform`` with a ``cache``), the run warns once and goes on without storing.
+
 Host memory stays bounded by the batch size and the prefetch depth; only the keys and the output grow with n.
 """
 
@@ -76,16 +81,20 @@ class FeatureLayout:
 class TransformReport:
     """What a transform did with each input.
 
+    Each input position is counted once, in exactly one of ``computed``, ``stored`` and ``failed``, so that
+    ``computed + stored + len(failed) == n_samples`` (an input repeated within the call counts at each position).
+
     Attributes
     ----------
     keys : ndarray of shape (n_samples,)
         Content key of each input (32 hex characters as bytes), in input order: the store's key of its features.
     computed : int
-        Distinct samples that needed the model.
+        Inputs whose features needed the model (at least one of their (block, timestep) features was not stored).
     stored : int
-        Distinct samples the feature store served alone.
+        Inputs the feature store served alone.
     failed : dict
-        ``{input position: message}`` for inputs that could not be read (their feature rows are NaN).
+        ``{input position: message}`` for inputs that could not be read (their feature rows are NaN). Each message
+        names its own input: its position (in the whole input, for a shard of one) and, for a file, its path.
     from_store : ndarray of shape (n_samples,) or None
         True for each input whose features the store served alone (no model pass for it).
     """
@@ -173,10 +182,15 @@ class TransformRun:
     ``keys`` (U,) are the distinct samples' keys, in order of first appearance; ``first`` (U,) their first input
     position; ``inverse`` (n,) the distinct row of each input position; ``missing`` (U, T) which (sample,
     timestep) features still need computing; ``todo`` the distinct rows with anything missing when planned.
+    Failures are kept per distinct row as reasons; ``describe(position, reason)`` turns one into the message of
+    an input position.
     """
 
-    def __init__(self, keys, first, inverse, blocks, layout, store, rows_per_pass, device, on_error):
+    def __init__(self, keys, first, inverse, blocks, layout, store, rows_per_pass, device, on_error,
+                 describe=None, on_store_error="warn"):
         self.keys, self.first, self.inverse = keys, first, inverse
+        self.describe = describe or (lambda position, reason: reason)
+        self.on_store_error = on_store_error
         self.blocks = blocks  # requested blocks: the output's block axis
         self.layout = layout  # layout of the blocks each pass computes (and stores)
         self.store = store
@@ -186,7 +200,7 @@ class TransformRun:
         self.missing = np.ones((len(keys), len(layout.timesteps)), dtype=bool)
         self.out = np.empty((len(inverse), len(blocks), len(layout.timesteps), layout.width), dtype=np.float32)
         self.writers: dict = {}
-        self.failures: dict = {}  # distinct row -> message
+        self.failures: dict = {}  # distinct row -> reason
         self.store_failed = False
         self.todo = np.empty(0, dtype=np.int64)
 
@@ -200,17 +214,20 @@ class TransformRun:
 
     @classmethod
     def plan(cls, keys, blocks, layout: FeatureLayout, store: FeatureStore | None, rows_per_pass: int,
-             device: torch.device, on_error: str = "raise", unreadable: dict | None = None) -> TransformRun:
+             device: torch.device, on_error: str = "raise", unreadable: dict | None = None, describe=None,
+             on_store_error: str = "warn") -> TransformRun:
         """Fold duplicate ``keys`` (one per input), and read what the store already holds.
 
-        ``unreadable`` ({input position: message}) lists inputs that could not even be keyed.
+        ``unreadable`` ({input position: reason}) lists inputs that could not even be keyed; ``describe`` and
+        ``on_store_error`` ("warn" or "raise") are as the class says.
         """
         unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         order = np.argsort(first)  # work in input order: progress and resumption follow the data
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         unique, first, inverse = unique[order], first[order], rank[inverse.reshape(-1)]
-        run = cls(unique, first, inverse, list(blocks), layout, store, rows_per_pass, device, on_error)
+        run = cls(unique, first, inverse, list(blocks), layout, store, rows_per_pass, device, on_error, describe,
+                  on_store_error)
         if store is not None:
             run.missing = ~read_stored_into(layout, store, unique, run.out, first, blocks)
         for position, message in (unreadable or {}).items():
@@ -228,6 +245,8 @@ class TransformRun:
             with progress, torch.inference_mode():
                 self.stream(batches, compute, progress)
         finally:
+            if hasattr(batches, "close"):  # stop decoding workers and threads now, also on an error
+                batches.close()
             self.close_writers()
         return self.finish(), self.report()
 
@@ -294,8 +313,12 @@ class TransformRun:
             except StoreWriteError as exc:
                 self.store_unwritable(exc)
 
-    def store_unwritable(self, exc):
+    def store_unwritable(self, exc: StoreWriteError):
+        """The store cannot be written: raise (``on_store_error="raise"``), or warn once and store nothing more.
+        Either way no later write is tried; complete segments already written stay."""
         self.store_failed = True
+        if self.on_store_error == "raise":
+            raise exc
         warnings.warn(f"{exc}. Features are computed and returned, but nothing is stored in the cache for the "
                       "rest of this call.", RuntimeWarning, stacklevel=5)
 
@@ -310,24 +333,28 @@ class TransformRun:
         return self.out.reshape(n, -1)
 
     def report(self) -> TransformReport:
-        failed_rows = np.array(sorted(self.failures), dtype=np.int64)
-        failed_positions = np.flatnonzero(np.isin(self.inverse, failed_rows))
-        # A sample that failed while its batch was read was planned for computing; one that could not even be
-        # keyed was not: neither counts as computed, nor as stored.
-        failed_planned = int(np.isin(failed_rows, self.todo).sum())
+        """Counts by input position: failed, else computed (its distinct sample was planned for the model), else
+        stored; each failure message names its own position (inputs with one key share the reason, not the
+        name)."""
+        failed_row = np.zeros(len(self.keys), dtype=bool)
+        failed_row[list(self.failures)] = True
+        computed_row = np.zeros(len(self.keys), dtype=bool)
+        computed_row[self.todo] = True
+        failed, computed = failed_row[self.inverse], (computed_row & ~failed_row)[self.inverse]
         return TransformReport(
             keys=self.keys[self.inverse],
-            computed=len(self.todo) - failed_planned,
-            stored=len(self.keys) - len(self.todo) - (len(failed_rows) - failed_planned),
-            failed={int(p): self.failures[self.inverse[p]] for p in failed_positions},
-            from_store=~np.isin(self.inverse, self.todo),
+            computed=int(computed.sum()),
+            stored=int((~failed & ~computed).sum()),
+            failed={int(p): self.describe(int(p), self.failures[self.inverse[p]]) for p in np.flatnonzero(failed)},
+            from_store=~failed & ~computed,
         )
 
-    def fail(self, row: int, message: str):
-        """A sample that cannot be read: raise, or (``on_error="record"``) record it and go on."""
+    def fail(self, row: int, reason: str):
+        """A sample that cannot be read, for ``reason``: raise a ``ValueError`` naming its first input position,
+        or (``on_error="record"``) record it and go on."""
         if self.on_error != "record":
-            raise ValueError(message)
-        self.failures[row] = message
+            raise ValueError(self.describe(int(self.first[row]), reason))
+        self.failures[row] = reason
         self.missing[row] = False
 
     def in_chunks(self, n: int, compute):

@@ -1,8 +1,10 @@
 """Image inputs: validation, content keys, decoding and resizing, without materialising a dataset.
 
 An image collection is validated as a container up front (shape, dtype, value range of arrays; the type of each
-item of a list), keyed by content, and decoded one sample at a time, in DataLoader worker processes when there
-are many. Errors name the sample.
+item of a list), keyed by content, and decoded one sample at a time, in DataLoader worker processes or threads
+when there are many (see ``_parallel``). Errors name the sample by its position in the whole input (``offset``
+is the position of a shard's first sample) and, for a file, by its path; a sample that fails is reported with
+the reason alone (``ValueError`` text), and :meth:`ImageSamples.failure` names it.
 
 Keys hash each sample as given, with no decoding or resizing, so that a run whose features are all stored costs
 only hashing: a file by its bytes (encoded image bytes in memory, and a Hugging Face ``{"bytes", "path"}`` image
@@ -16,26 +18,24 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-import io
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..sources import lazy_column
 from ..store import KEY_LENGTH
-from ._inputs import single_column
+from ._decode import decode_error, decode_image
+from ._files import ENCODED, content_key, file_key, unwrap_image_dict
+from ._inputs import input_position, single_column
+from ._parallel import loader_context, ordered_batches, processes_usable
 
 # Bump when decoding or resizing changes: keys of file inputs are hashes of the file bytes, so the namespace
 # of cached latents and features must name the preprocessing that turned those bytes into pixels.
 PREPROCESSING = "pil-bicubic-centercrop-v2"
-
-# An encoded image file's content given in memory (from a parquet column, a tar member, a dataset): keyed and
-# decoded exactly as the file with the same bytes.
-ENCODED = (bytes, bytearray, memoryview)
 
 
 class ImageSamples:
@@ -45,14 +45,14 @@ class ImageSamples:
     its samples need no decoding, so batches are plain slices.
     """
 
-    def __init__(self, X, resolution: int, channels: int):
-        self.resolution, self.channels = resolution, channels
+    def __init__(self, X, resolution: int, channels: int, offset: int = 0):
+        self.resolution, self.channels, self.offset = resolution, channels, offset
         X = single_column(X, "images")
         lazy = lazy_column(X)  # a Hugging Face dataset column: read a chunk of rows at a time, never listed whole
         if lazy is not None:
             self.items, self.is_array = lazy, False
         elif isinstance(X, np.ndarray) and X.dtype != object:
-            self.items = _check_image_array(X)
+            self.items = _check_image_array(X, offset)
             self.is_array = True
         else:
             if hasattr(X, "iloc"):
@@ -67,8 +67,8 @@ class ImageSamples:
                 )
             for i, item in enumerate(X):
                 if not isinstance(item, (str, os.PathLike, Image.Image, np.ndarray, *ENCODED, dict)):
-                    raise ValueError(f"Image {i}: expected a PIL image, an array, a file path or encoded image "
-                                     f"bytes, got {type(item).__name__}.")
+                    raise ValueError(f"Image {input_position(offset, i)}: expected a PIL image, an array, a file path "
+                                     f"or encoded image bytes, got {type(item).__name__}.")
             self.items = np.empty(len(X), dtype=object)  # an array, not a list: cheap to share with workers
             self.items[:] = list(X) if len(X) else []
             self.is_array = False
@@ -80,11 +80,17 @@ class ImageSamples:
     def __len__(self):
         return len(self.items)
 
+    def failure(self, position: int, reason: str) -> str:
+        """The message for the sample at ``position`` failing for ``reason``: its position in the whole input and,
+        for a file, its path."""
+        item = None if self.is_array else self.items[position]
+        return describe_failure(item, input_position(self.offset, position), reason)
+
     def keys(self, workers: int, errors: dict | None = None) -> np.ndarray:
         """(n,) ASCII hex content keys, hashed in ``workers`` threads (hashlib releases the GIL).
 
         A sample that cannot be read raises, or, when an ``errors`` dict is given, is recorded there as
-        {position: message} and gets a key of its own that no content can have.
+        {position: reason} and gets a key of its own that no content can have.
         """
         n = len(self.items)
         keys = np.empty(n, dtype=f"S{KEY_LENGTH}")
@@ -95,10 +101,10 @@ class ImageSamples:
             for i in range(start, stop):
                 item = self.items[i]
                 try:  # hashlib releases the GIL on large buffers: the threads hash in parallel
-                    keys[i] = _item_key(item, i)
+                    keys[i] = _item_key(item)
                 except ValueError as exc:
                     if errors is None:
-                        raise
+                        raise ValueError(self.failure(i, str(exc))) from None
                     errors[i] = str(exc)
                     keys[i] = hashlib.sha256(f"unreadable:{i}".encode()).hexdigest()[:KEY_LENGTH].encode()
 
@@ -125,13 +131,14 @@ class ImageSamples:
         return np.frombuffer(hexed, dtype="S64").astype(f"S{KEY_LENGTH}")
 
     def pixels(self, positions: np.ndarray) -> torch.Tensor:
-        """(B, R, R, C) uint8 for a batch of positions, decoded here (the in-process path)."""
-        if self.ready:
-            return torch.from_numpy(self.items[positions])
-        return torch.from_numpy(np.stack([self.load(int(p)) for p in positions]))
+        """(B, R, R, C) uint8 for a batch of positions of a ``ready`` array (no decoding)."""
+        return torch.from_numpy(self.items[positions])
 
-    def load(self, position: int) -> np.ndarray:
-        return load_image(self.items[position], position, self.resolution, self.channels)
+    def decode(self, position: int, key: bytes | None = None) -> np.ndarray:
+        """The sample at ``position`` as model-ready pixels; ``ValueError`` with the reason if it cannot be read.
+
+        A file is decoded from bytes that hash to ``key`` (when given), or not at all."""
+        return decode_image(self.items[position], self.resolution, self.channels, key)
 
 
 def _in_threads(run, n: int, workers: int) -> None:
@@ -147,25 +154,27 @@ def _in_threads(run, n: int, workers: int) -> None:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """The samples at ``positions``, decoded in DataLoader workers; failures travel back as messages."""
+    """The samples at ``positions`` (with their content ``keys``, if known), decoded in DataLoader workers or
+    threads; failures travel back as reasons."""
 
-    def __init__(self, samples: ImageSamples, positions: np.ndarray):
-        self.samples, self.positions = samples, positions
+    def __init__(self, samples: ImageSamples, positions: np.ndarray, keys: np.ndarray | None = None):
+        self.samples, self.positions, self.keys = samples, positions, keys
 
     def __len__(self):
         return len(self.positions)
 
     def __getitem__(self, i):
         try:
-            return i, self.samples.load(int(self.positions[i])), None
+            key = None if self.keys is None else self.keys[i]
+            return i, self.samples.decode(int(self.positions[i]), key), None
         except ValueError as exc:
             return i, None, str(exc)
 
 
 def collate_images(batch):
-    """(indices of the good samples, their uint8 pixels, {index: error message} of the bad ones).
+    """(indices of the good samples, their uint8 pixels, {index: reason} of the bad ones).
 
-    Indices count within the dataset's ``positions``; an error message names the input position.
+    Indices count within the dataset's ``positions``.
     """
     good = [(i, image) for i, image, error in batch if error is None]
     errors = {i: error for i, _, error in batch if error is not None}
@@ -175,29 +184,40 @@ def collate_images(batch):
 
 
 def decode_batches(samples: ImageSamples, positions: np.ndarray, batch_size: int, workers: int,
-                   pin_memory: bool = False):
+                   pin_memory: bool = False, keys: np.ndarray | None = None):
     """Yield ``(indices, pixels, errors)`` over ``positions``, a batch at a time: the indices (into ``positions``)
     of the samples decoded, their (k, R, R, C) uint8 pixels (None when no sample of the batch could be read), and
-    ``{index: message}`` for the samples that could not be.
+    ``{index: reason}`` for the samples that could not be (:meth:`ImageSamples.failure` names them).
 
-    Decoded in ``workers`` DataLoader processes, or in this process when ``workers`` is 0 or the samples need no
-    decoding. ``pin_memory`` pins the pixels for a fast copy to CUDA.
+    Decoded in this process when ``workers`` is 0 or the samples need no decoding; else in ``workers`` DataLoader
+    processes, or ``workers`` threads where processes cannot run (see ``_parallel``). Every path gives the same
+    pixels and the same failures. ``keys`` (aligned with ``positions``): files must still hash to them.
+    ``pin_memory`` pins the pixels for a fast copy to CUDA.
     """
-    dataset = ImageDataset(samples, positions)
-    if samples.ready or workers == 0:
-        for start in range(0, len(positions), batch_size):
-            stop = min(len(positions), start + batch_size)
-            if samples.ready:
-                indices, pixels, errors = np.arange(start, stop), samples.pixels(positions[start:stop]), {}
-            else:
-                indices, pixels, errors = collate_images([dataset[i] for i in range(start, stop)])
-            yield indices, (pixels.pin_memory() if pin_memory and pixels is not None else pixels), errors
-        return
-    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                           collate_fn=collate_images, pin_memory=pin_memory, prefetch_factor=4)
+    dataset = ImageDataset(samples, positions, keys)
+    spans = [(start, min(len(positions), start + batch_size)) for start in range(0, len(positions), batch_size)]
+    if samples.ready:
+        batches = ((np.arange(a, b), samples.pixels(positions[a:b]), {}) for a, b in spans)
+    elif workers == 0:
+        batches = (collate_images([dataset[i] for i in range(a, b)]) for a, b in spans)
+    else:
+        loader = None
+        if processes_usable(batch_size * samples.resolution ** 2 * samples.channels):
+            try:
+                loader = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                                          collate_fn=collate_images, pin_memory=pin_memory,
+                                                          prefetch_factor=4, multiprocessing_context=loader_context()))
+            except OSError:  # no processes to be had here (fork refused, no shared memory): threads decode
+                loader = None
+        if loader is not None:
+            yield from loader
+            return
+        batches = map(collate_images, ordered_batches(dataset.__getitem__, len(dataset), batch_size, workers))
+    for indices, pixels, errors in batches:
+        yield indices, (pixels.pin_memory() if pin_memory and pixels is not None else pixels), errors
 
 
-def _check_image_array(X: np.ndarray) -> np.ndarray:
+def _check_image_array(X: np.ndarray, offset: int = 0) -> np.ndarray:
     """Validate a numeric (n, H, W[, C]) array as a whole; errors name the first offending sample."""
     if X.ndim >= 1 and len(X) == 0:
         raise ValueError("No images given (0 samples).")
@@ -219,19 +239,20 @@ def _check_image_array(X: np.ndarray) -> np.ndarray:
     if X.dtype.kind == "f":
         bad = ~np.isfinite(flat).all(axis=1)
         if bad.any():
-            raise ValueError(f"Image {int(np.argmax(bad))}: contains NaN or infinite values.")
+            raise ValueError(f"Image {input_position(offset, int(np.argmax(bad)))}: contains NaN or infinite values.")
         bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) > 1)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"Image {i}: float pixels must lie in [0, 1], found [{flat[i].min():.3g}, "
-                             f"{flat[i].max():.3g}].")
+            raise ValueError(f"Image {input_position(offset, i)}: float pixels must lie in [0, 1], found "
+                             f"[{flat[i].min():.3g}, {flat[i].max():.3g}].")
         return X
     if X.dtype.kind in "iu":
         bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) > 255)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"Image {i}: integer pixels must lie in [0, 255], found [{flat[i].min()}, "
-                             f"{flat[i].max()}] (scale 16-bit images to 8 bits, or to floats in [0, 1]).")
+            raise ValueError(f"Image {input_position(offset, i)}: integer pixels must lie in [0, 255], found "
+                             f"[{flat[i].min()}, {flat[i].max()}] (scale 16-bit images to 8 bits, or to floats in "
+                             "[0, 1]).")
         return X
     raise ValueError(f"Unsupported image dtype {X.dtype} (use uint8, or float in [0, 1]).")
 
@@ -241,7 +262,10 @@ def _content_key(item) -> bytes:
     pixels (the hex digest as ASCII bytes)."""
     if isinstance(item, Image.Image):
         digest = hashlib.sha256(f"pil:{item.mode}:{item.size}:".encode())
-        digest.update(item.tobytes())
+        try:  # a lazily opened image reads its file here
+            digest.update(item.tobytes())
+        except Exception as exc:
+            raise ValueError(f"cannot read the PIL image ({decode_error(exc)})") from exc
     else:
         array = np.ascontiguousarray(item)
         digest = hashlib.sha256(f"array:{array.dtype.str}:{array.shape}:".encode())
@@ -250,126 +274,30 @@ def _content_key(item) -> bytes:
     return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
 
 
-def _item_key(item, index: int) -> bytes:
-    item = _unwrap_image_dict(item, index)
+def _item_key(item) -> bytes:
+    item = unwrap_image_dict(item)
     if isinstance(item, (str, os.PathLike)):
-        return _file_key(item, index)
-    if isinstance(item, ENCODED):  # the key of a file with these bytes
-        return hashlib.sha256(b"file:" + item).hexdigest()[:KEY_LENGTH].encode("ascii")
-    if isinstance(item, (Image.Image, np.ndarray)):
-        return _content_key(item)
-    raise ValueError(f"Image {index}: expected a PIL image, an array, a file path or encoded image bytes, got "
-                     f"{type(item).__name__}.")
+        return file_key(item)
+    if isinstance(item, ENCODED):  # the key of a file holding these bytes
+        return content_key(bytes(item))
+    return _content_key(item)
 
 
-def _unwrap_image_dict(item, index: int):
-    """A Hugging Face image dict ``{"bytes": b or None, "path": p or None}`` as its bytes, else its path."""
-    if not isinstance(item, dict):
-        return item
-    if item.get("bytes") is not None:
-        return item["bytes"]
-    if item.get("path") is not None:
-        return item["path"]
-    raise ValueError(f"Image {index}: an image dict needs 'bytes' or 'path', got keys {sorted(item)} with no value.")
-
-
-def _file_key(path, index: int) -> bytes:
-    """Key of an image file: a hash of its bytes (no decoding)."""
-    digest = hashlib.sha256(b"file:")
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except OSError as exc:
-        raise ValueError(f"Image {index}: cannot read file {os.fspath(path)!r} ({exc}).") from exc
-    return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
+def describe_failure(item, index: int, reason: str) -> str:
+    """``Image <index>: <reason>``, with the path after the index for a file input."""
+    if isinstance(item, dict):  # a Hugging Face image dict: named by its path when it has one
+        item = item.get("path")
+    where = f" ({os.fspath(item)!r})" if isinstance(item, (str, os.PathLike)) else ""
+    return f"Image {index}{where}: {reason}"
 
 
 def load_image(item, index: int, resolution: int, channels: int) -> np.ndarray:
     """One sample as a (resolution, resolution, channels) uint8 array: decoded, resized (shorter side,
-    bicubic) and center-cropped."""
-    item = _unwrap_image_dict(item, index)
-    if isinstance(item, (str, os.PathLike, *ENCODED)):
-        encoded = isinstance(item, ENCODED)
-        try:
-            with Image.open(io.BytesIO(item) if encoded else item) as opened:
-                if opened.format == "JPEG":
-                    # Decode at the smallest 1/2, 1/4 or 1/8 scale that still covers the target: much faster
-                    # for large photos, and the bicubic resize below does the rest.
-                    opened.draft("RGB" if channels == 3 else "L", (resolution, resolution))
-                image = _to_8bit(opened, index)
-                image.load()
-        except ValueError:
-            raise
-        except Exception as exc:
-            what = f"image bytes ({len(item)} bytes)" if encoded else f"file {os.fspath(item)!r}"
-            # PIL's own message for unknown data names the in-memory buffer object: say what it means
-            reason = "not an image format PIL knows" if encoded and isinstance(exc, UnidentifiedImageError) else exc
-            raise ValueError(f"Image {index}: cannot read {what} ({reason}).") from exc
-    elif isinstance(item, Image.Image):
-        image = _to_8bit(item, index)
-    else:
-        array = _array_to_uint8(np.asarray(item), index)
-        if array.shape[:2] == (resolution, resolution) and channels == 3 and array.ndim == 3 and array.shape[2] == 3:
-            return np.ascontiguousarray(array)  # already model-ready: skip PIL
-        image = Image.fromarray(array)
-    image = image.convert("RGB" if channels == 3 else "L")
-    array = np.asarray(_resize_center_crop(image, resolution), dtype=np.uint8)
-    return array if channels == 3 else array[..., None]
-
-
-def _to_8bit(image: Image.Image, index: int) -> Image.Image:
-    """Bring high-bit-depth modes to 8 bits by their true range instead of letting convert() clip them."""
-    if image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): 0..65535 -> 0..255
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.round(values / 257.0).astype(np.uint8))
-    if image.mode == "F":  # 32-bit float: accepted when it is a [0, 1] image, like float arrays
-        values = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
-            raise ValueError(f"Image {index}: a floating-point image (mode F) must hold values in [0, 1]; found "
-                             f"[{np.nanmin(values):.3g}, {np.nanmax(values):.3g}]. Scale it to [0, 1] or to 8 bits.")
-        return Image.fromarray(np.round(values * 255).astype(np.uint8))
-    if image.mode in ("I", "I;32"):
-        raise ValueError(f"Image {index}: 32-bit integer images (mode {image.mode}) have no defined value range; "
-                         "convert them to 8 bits, or to a float array in [0, 1].")
-    return image
-
-
-def _array_to_uint8(array: np.ndarray, index: int) -> np.ndarray:
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"Image {index}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
-    if array.size == 0:
-        raise ValueError(f"Image {index}: empty array of shape {array.shape}.")
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise ValueError(f"Image {index}: contains NaN or infinite values.")
-        if array.min() < 0 or array.max() > 1:
-            raise ValueError(
-                f"Image {index}: float pixels must lie in [0, 1], found [{array.min():.3g}, {array.max():.3g}]."
-            )
-        return np.round(array * 255).astype(np.uint8)
-    if array.dtype.kind in "iu":
-        if array.min() < 0 or array.max() > 255:
-            raise ValueError(
-                f"Image {index}: integer pixels must lie in [0, 255], found [{array.min()}, {array.max()}]."
-            )
-        return array.astype(np.uint8)
-    raise ValueError(f"Image {index}: unsupported dtype {array.dtype} (use uint8, or float in [0, 1]).")
-
-
-def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    if image.size == (size, size):
-        return image
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    bicubic) and center-cropped. A ``ValueError`` names the sample as input ``index``."""
+    try:
+        return decode_image(item, resolution, channels)
+    except ValueError as exc:
+        raise ValueError(describe_failure(item, index, str(exc))) from None
 
 
 def to_uint8_images(X, resolution: int, channels: int = 3, *, num_workers: int = 0, batch_size: int = 64) -> np.ndarray:
@@ -382,6 +310,7 @@ def to_uint8_images(X, resolution: int, channels: int = 3, *, num_workers: int =
     out = np.empty((len(samples), resolution, resolution, channels), dtype=np.uint8)
     for indices, pixels, errors in decode_batches(samples, np.arange(len(samples)), batch_size, num_workers):
         if errors:
-            raise ValueError(errors[min(errors)])
+            first = min(errors)
+            raise ValueError(samples.failure(first, errors[first]))
         out[indices] = pixels.numpy()
     return out

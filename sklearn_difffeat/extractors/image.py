@@ -7,8 +7,8 @@ import numbers
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval, StrOptions
 
+from .._sklearn_compat import Interval, StrOptions
 from ..backbones.dit import load_dit_backbone
 from ..store import stable_hash
 from ._base import BaseDiffusionFeatureExtractor
@@ -59,9 +59,11 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
     batch_size : int, default=64
         Maximum batch; halved automatically on CUDA out-of-memory.
     num_workers : int or None, default=None
-        Worker processes that decode and resize images (a torch ``DataLoader``) while the device computes; 0
-        decodes in the calling process. ``None``: all cores but one, at most 16. Content keys are hashed by as
-        many threads. Arrays already at the model's resolution (uint8) need no decoding.
+        Worker processes that decode and resize images (a torch ``DataLoader``) while the device computes; where
+        processes cannot run (a daemon process such as a Dask worker, or a file-size limit below a batch), as
+        many threads decode instead, with the same results. 0 decodes in the calling thread. ``None``: all cores
+        but one, at most 16. Content keys are hashed by as many threads. Arrays already at the model's
+        resolution (uint8) need no decoding.
     device : str, torch.device or None, default=None
         ``None`` picks CUDA when available, or the device of modules passed as ``model``. Modules passed as
         ``model`` are moved to an explicit ``device`` in place.
@@ -189,8 +191,8 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
         return f"dit-x0-{stable_hash(description)}", description
 
     # ---- input ----------------------------------------------------------------------------------------
-    def _samples(self, X, backbone):
-        return ImageSamples(X, backbone.resolution, backbone.image_channels)
+    def _samples(self, X, backbone, offset):
+        return ImageSamples(X, backbone.resolution, backbone.image_channels, offset)
 
     def _batches(self, run, samples, backbone, todo):
         """Stored clean inputs first (no decoding), then images decoded in worker processes (or here)."""
@@ -211,11 +213,13 @@ class DiTFeatureExtractor(BaseDiffusionFeatureExtractor):
                 todo = todo[~np.isin(todo, np.concatenate(served))]
         if len(todo) == 0:
             return
-        # Samples that cannot be read are left out of their batch: nothing of theirs is computed or stored.
-        batches = decode_batches(samples, run.first[todo], size, self._workers(), pin_memory=run.device.type == "cuda")
+        # Samples that cannot be read are left out of their batch: nothing of theirs is computed or stored. Files
+        # are decoded from bytes that still hash to their keys.
+        batches = decode_batches(samples, run.first[todo], size, self._workers(), pin_memory=run.device.type == "cuda",
+                                 keys=run.keys[todo])
         for indices, pixels, errors in batches:
-            for i, message in errors.items():
-                run.fail(int(todo[i]), message)
+            for i, reason in errors.items():
+                run.fail(int(todo[i]), reason)
             if pixels is not None:
                 yield Batch(todo[indices], ("pixels", pixels))
 

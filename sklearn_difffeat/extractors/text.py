@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import numbers
 import warnings
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval, StrOptions
 
+from .._sklearn_compat import Interval, StrOptions
 from ..backbones.text import is_text_backbone, load_text_backbone, loglinear_sigma
-from ..store import KEY_LENGTH
 from ._base import BaseDiffusionFeatureExtractor
 from ._engine import Batch, BatchResult, TimestepFeatures, pool_tokens
-from ._inputs import as_list, single_column
+from ._inputs import as_list, input_position
 from ._noise import key_words, sample_seeds, uniforms
 from ._runtime import prefetch
+from ._texts import TextSamples, tokenize
 
 
 class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
@@ -170,8 +168,8 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
                 "input": "text-v2"}
 
     # ---- input ----------------------------------------------------------------------------------------
-    def _samples(self, X, backbone):
-        return TextSamples(X)
+    def _samples(self, X, backbone, offset):
+        return TextSamples(X, offset)
 
     def _batches(self, run, samples, backbone, todo):
         """Length-bucketed batches (texts of similar length together), tokenized ahead of the device."""
@@ -187,14 +185,16 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
                 ids, special, lengths, cut = tokenize(backbone.tokenizer, texts, limit, backbone.pad_token_id)
                 if cut.any():
                     truncated[0] += int(cut.sum())
-                    first = int(run.first[rows][cut].min())
+                    first = input_position(samples.offset, int(run.first[rows][cut].min()))
                     truncated[1] = first if truncated[1] is None else min(truncated[1], first)
-                empty = np.flatnonzero((~special & (np.arange(ids.shape[1]) < lengths[:, None])).sum(axis=1) == 0)
-                for i in empty:
-                    text = texts[i]
-                    raise ValueError(f"Text {int(run.first[rows[i]])} ({text[:40]!r}) gives no tokens besides "
-                                     "special tokens.")
-                yield Batch(rows, tuple(torch.from_numpy(a) for a in (ids, special, lengths)))
+                # A text with nothing but special tokens fails alone: it is left out of its batch.
+                keep = (~special & (np.arange(ids.shape[1]) < lengths[:, None])).any(axis=1)
+                for i in np.flatnonzero(~keep):
+                    run.fail(int(rows[i]), f"({texts[i][:40]!r}) gives no tokens besides special tokens.")
+                if keep.any():
+                    width = int(lengths[keep].max())
+                    arrays = (ids[keep, :width], special[keep, :width], lengths[keep])
+                    yield Batch(rows[keep], tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
 
         source = tokenized() if self.num_workers == 0 else prefetch(tokenized(), depth=2)
         yield from source
@@ -212,9 +212,9 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         """
         backbone = self._backbone()
         samples = TextSamples(X)
+        words = key_words(samples.keys(1))  # raises for a text that is not a valid, non-empty string
         _, special, lengths, _ = tokenize(backbone.tokenizer, samples.texts, self._limit(backbone),
-                                            backbone.pad_token_id)
-        words = key_words(samples.keys(1))
+                                          backbone.pad_token_id)
         masked = self._masks(torch.from_numpy(special), torch.from_numpy(lengths), words, float(timestep), draw)
         return [row[:n].numpy() for row, n in zip(masked, lengths)]
 
@@ -267,83 +267,3 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
 
         parts = run.in_chunks(len(local), one_pass)
         return TimestepFeatures(local, {b: torch.cat([p[b] for p in parts]) for b in run.computed_blocks})
-
-
-class TextSamples:
-    """Validated texts with content keys (a hash of the UTF-8 text)."""
-
-    def __init__(self, X):
-        self.texts = _check_texts(X)
-
-    def __len__(self):
-        return len(self.texts)
-
-    def keys(self, workers, errors=None):  # texts are validated up front: nothing left to fail here
-        keys = np.empty(len(self.texts), dtype=f"S{KEY_LENGTH}")
-        for i, text in enumerate(self.texts):
-            keys[i] = hashlib.sha256(b"text:" + text.encode("utf-8")).hexdigest()[:KEY_LENGTH].encode()
-        return keys
-
-
-def tokenize(tokenizer, texts, limit, pad_id):
-    """Token ids of a batch of texts, padded with ``pad_id``: ``(ids, special, lengths, truncated)``.
-
-    Texts longer than ``limit`` tokens are cut by the tokenizer's own truncation (which keeps closing special
-    tokens), in the same single pass; ``truncated`` marks them. Padding is built with array operations, not per
-    text.
-    """
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum": we warn once
-    try:
-        options = dict(truncation=True, max_length=limit) if limit is not None else {}
-        encoded = tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True, **options)
-        ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        if limit is None:
-            truncated = np.zeros(len(ids), dtype=bool)
-        elif encoded.encodings is not None:  # a fast tokenizer keeps what it cut off
-            truncated = np.fromiter((len(e.overflowing) > 0 for e in encoded.encodings), dtype=bool, count=len(ids))
-        else:  # a slow one does not: texts that reach the budget are checked without truncation
-            full = [i for i in np.flatnonzero(lengths == limit)
-                    if len(tokenizer(texts[i], add_special_tokens=True)["input_ids"]) > limit]
-            truncated = np.isin(np.arange(len(ids)), full)
-    finally:
-        hf_logging.set_verbosity(level)
-    width = int(lengths.max())
-    real = np.arange(width)[None, :] < lengths[:, None]
-    padded = np.full((len(ids), width), pad_id, dtype=np.int64)
-    padded[real] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    flags = np.zeros((len(ids), width), dtype=bool)
-    flags[real] = np.fromiter(itertools.chain.from_iterable(special), dtype=bool, count=int(lengths.sum()))
-    return padded, flags, lengths, truncated
-
-
-def _check_texts(X) -> list[str]:
-    """A list of non-empty strings from a list, array, Series or one-column DataFrame; errors name the index."""
-    X = single_column(X, "texts")
-    if isinstance(X, str):
-        raise ValueError("Expected a list of texts, got a single string; wrap it as [text].")
-    if hasattr(X, "iloc"):
-        samples = list(X.to_numpy())
-    elif isinstance(X, np.ndarray):
-        if X.ndim == 2 and X.shape[1] == 1:
-            X = X[:, 0]
-        if X.ndim != 1:
-            raise ValueError(f"Expected a 1-D array of texts, got shape {X.shape}.")
-        samples = list(X)
-    elif isinstance(X, (list, tuple)):
-        samples = list(X)
-    else:
-        raise ValueError(f"Texts must be a list, array, pandas Series or DataFrame column; got {type(X).__name__}.")
-    if not samples:
-        raise ValueError("No texts given (0 samples).")
-    for i, text in enumerate(samples):
-        if not isinstance(text, str):
-            what = "missing (None/NaN)" if text is None or (isinstance(text, float) and np.isnan(text)) else (
-                f"a {type(text).__name__}, not a string")
-            raise ValueError(f"Text {i} is {what}.")
-        if not text.strip():
-            raise ValueError(f"Text {i} is empty.")
-    return [str(t) for t in samples]

@@ -66,13 +66,8 @@ class SequenceShard(Shard):
     modality: str | None = None
 
     def read(self) -> ShardInputs:
-        items = self.items
-        values = items.to_numpy() if hasattr(items, "iloc") else items
-        failed = {}
-        if self.modality == "texts":
-            failed = {i: problem for i, text in enumerate(values) if (problem := text_problem(text))}
-        # with failures, the items are picked by position: a list, not a Series indexed by labels
-        return ShardInputs(list(values) if failed else items, self.ids(), failed)
+        # Items are passed as given: the extractor checks each one and lists those it cannot read.
+        return ShardInputs(self.items, self.ids(), {})
 
     def ids(self) -> list:
         values = self.items.to_numpy() if hasattr(self.items, "iloc") else self.items
@@ -84,8 +79,7 @@ class SequenceShard(Shard):
 class SequenceSource(Source):
     """A list, tuple, array or pandas Series of samples. Ids are the paths of path items, else the positions.
 
-    ``modality="texts"`` says strings are texts (ids are then positions, and a missing or blank text is a
-    listed failure rather than an error for its whole shard).
+    ``modality="texts"`` says strings are texts (ids are then positions).
     """
 
     def __init__(self, inputs, modality: str | None = None):
