@@ -61,6 +61,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    import contextlib
+
     from ._extract_cli import _client
     from .reproduce import ReproduceSettings, run_reproduce
 
@@ -71,14 +73,9 @@ def _run(args) -> int:
         val_fraction=args.val_fraction, verbose=0 if args.quiet else 1,
     )
     args.local_workers = None  # `extract`'s cluster options, less the CPU-only one
-    client, cluster = _client(args)
-    try:
+    with contextlib.ExitStack() as stack:  # closes the client and a local cluster
+        client = _client(args, stack)
         summary = run_reproduce(settings, client=client, gpu_workers=client is not None)
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
     counts = {m: c["computed"] for m, c in summary["extraction"].items()}
     print(f"samples computed this run: {json.dumps(counts)}; {summary['seconds']:.1f} s")
     return 0

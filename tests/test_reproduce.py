@@ -9,6 +9,9 @@ from PIL import Image
 from test_benchmark_datasets import _write_coco
 
 from sklearn_difffeat.__main__ import main
+from sklearn_difffeat.extractors import clear_backbone_cache
+from sklearn_difffeat.extractors import image as image_module
+from sklearn_difffeat.extractors import text as text_module
 from sklearn_difffeat.reproduce import METRICS, ReproduceSettings, grid_axes
 
 MODELS = ["--image-model", "embedded:fashion-dit", "--text-model", "embedded:fashion-mdlm"]
@@ -120,6 +123,20 @@ def one_thread():
         torch.set_num_threads(previous)
 
 
+def test_extraction_at_the_deepest_block_stores_every_block_up_to_it(tmp_path, monkeypatch):
+    """What the protocol's extraction relies on: cache_depth at the requested block stores blocks 0..depth."""
+    from sklearn_difffeat import DiTFeatureExtractor
+
+    images = np.stack([pixels for _, _, pixels in _labelled_images(6, seed=1)])
+    params = dict(timestep=[0, 100], cache=str(tmp_path / "store"), num_workers=0)
+    DiTFeatureExtractor("embedded:fashion-dit", block=8, cache_depth=8, **params).fit().transform(images)
+    clear_backbone_cache()
+    monkeypatch.setattr(image_module, "load_dit_backbone", _kill)
+    shallower = DiTFeatureExtractor("embedded:fashion-dit", block=[0, 3, 7], **params).fit()
+    features, report = shallower.transform_with_report(images)
+    assert report.computed == 0 and report.stored == len(images) and np.isfinite(features).all()
+
+
 def test_quick_end_to_end_coco_and_a_rerun_that_computes_nothing(tmp_path):
     root, store = write_coco(tmp_path / "coco", n_train=16, n_test=16), tmp_path / "store"
     summary = _reproduce("coco", root, store, "--limit", "12")
@@ -143,7 +160,6 @@ def _kill(*args, **kwargs):
     raise Killed
 
 
-@pytest.mark.slow
 def test_a_run_killed_after_extraction_resumes_at_the_search(tmp_path, monkeypatch):
     from sklearn_difffeat.reproduce import _run
 
@@ -156,8 +172,11 @@ def test_a_run_killed_after_extraction_resumes_at_the_search(tmp_path, monkeypat
     recorded = json.loads(state_file.read_text())["steps"]
     assert list(recorded) == ["extract"]
     assert sum(r["computed"] for r in recorded["extract"]["result"]["image"].values()) > 0
-    with monkeypatch.context() as patch:  # no extraction work: extract_features may not even be called
+    clear_backbone_cache()
+    with monkeypatch.context() as patch:  # no extraction work, and no model even loaded: the store serves all
         patch.setattr(_run, "extract_features", _kill)
+        patch.setattr(image_module, "load_dit_backbone", _kill)
+        patch.setattr(text_module, "load_text_backbone", _kill)
         resumed = _reproduce("coco", root, store, "--limit", "40")
     assert resumed["resumed_steps"] == ["extract"]
     assert {m: c["computed"] for m, c in resumed["extraction"].items()} == {"image": 0, "text": 0}
