@@ -7,6 +7,7 @@ import pytest
 from test_text_backbones import WORDS, make_tiny_mdlm
 
 from sklearn_difffeat import extract
+from sklearn_difffeat.export import export_features
 from sklearn_difffeat.extractors import TextDiffusionFeatureExtractor, clear_backbone_cache
 from sklearn_difffeat.extractors import text as text_module
 
@@ -143,7 +144,24 @@ def test_extract_lists_failures_and_counts_per_sample_and_reads_back_without_the
     np.testing.assert_array_equal(make(mdlm_dir, cache=str(store)).read_stored(result.keys), features)
     written = result.export(tmp_path / "features.npy")
     np.testing.assert_array_equal(np.load(written[0]), features)
+    export_features(result.manifest, tmp_path / "rebuilt.npy")  # the extractor rebuilt from the manifest
+    np.testing.assert_array_equal(np.load(tmp_path / "rebuilt.npy"), features)
 
 
 def _no_load(*args, **kwargs):
     raise AssertionError("the model was loaded")
+
+
+def test_pooling_weights_summed_a_block_of_rows_at_a_time():
+    import scipy.sparse as sp
+
+    from sklearn_difffeat.extractors._multitext import _weighted_means
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(7, 5)).astype(np.float32)
+    owner, member = np.array([0, 0, 1, 2, 2, 2, 3, 4]), np.array([0, 6, 1, 2, 3, 2, 5, 4])
+    counts = np.bincount(owner)
+    weights = sp.csr_matrix((1.0 / counts[owner], (owner, member)), shape=(5, 7))
+    expected = np.stack([features[member[owner == g]].astype(np.float64).mean(axis=0) for g in range(5)])
+    for rows in (1, 2, 4096):
+        np.testing.assert_allclose(_weighted_means(weights, features, rows_at_once=rows), expected, rtol=1e-6)

@@ -168,11 +168,23 @@ def _pool(extractor, groups: list, pooling: str, options: dict):
             group = int(owner[occurrence])
             failed.setdefault(group, (int(items[occurrence]), _without_position(message, position)))
     counts = np.bincount(owner, minlength=len(groups))
-    weights = sp.csr_matrix((1.0 / counts[owner], (owner, member)), shape=(len(groups), len(distinct)))
-    pooled = np.asarray(weights @ np.nan_to_num(features.astype(np.float64)), dtype=np.float32)
+    pooled = _weighted_means(sp.csr_matrix((1.0 / counts[owner], (owner, member)),
+                                           shape=(len(groups), len(distinct))), features)
     needed_model = np.zeros(len(groups), dtype=bool)
     np.logical_or.at(needed_model, owner, ~report.from_store[member])
     return pooled, failed, needed_model
+
+
+def _weighted_means(weights, features, rows_at_once: int = 4096) -> np.ndarray:
+    """``weights @ features`` summed in float64 (the result rounded once to float32), a block of rows at a time so
+    that only the texts of those rows are ever held in float64. NaN rows (failed texts) count as 0: their samples
+    fail anyway."""
+    pooled = np.empty((weights.shape[0], features.shape[1]), dtype=np.float32)
+    for start in range(0, weights.shape[0], rows_at_once):
+        part = weights[start:start + rows_at_once]
+        used = np.unique(part.indices)
+        pooled[start:start + part.shape[0]] = part[:, used] @ np.nan_to_num(features[used].astype(np.float64))
+    return pooled
 
 
 def _without_position(message: str, position: int) -> str:
