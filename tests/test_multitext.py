@@ -165,3 +165,27 @@ def test_pooling_weights_summed_a_block_of_rows_at_a_time():
     expected = np.stack([features[member[owner == g]].astype(np.float64).mean(axis=0) for g in range(5)])
     for rows in (1, 2, 4096):
         np.testing.assert_allclose(_weighted_means(weights, features, rows_at_once=rows), expected, rtol=1e-6)
+
+
+def test_a_text_that_fails_in_the_model_path_fails_its_sample(mdlm_dir, monkeypatch):
+    """A text the tokenizer turns into special tokens alone (here: any text equal to BAD) fails its sample only."""
+    bad = CAPTIONS[6]
+    original = text_module.tokenize
+
+    def special_only(tokenizer, texts, *args):
+        ids, special, lengths, cut = original(tokenizer, texts, *args)
+        special[[i for i, t in enumerate(texts) if t == bad]] = True
+        return ids, special, lengths, cut
+
+    monkeypatch.setattr(text_module, "tokenize", special_only)
+    samples = [[CAPTIONS[0], bad], [CAPTIONS[1]], [CAPTIONS[2], CAPTIONS[3]]]
+    features, report = make(mdlm_dir).transform_with_report(samples, on_error="record", offset=10)
+    assert list(report.failed) == [0] and report.failed[0].startswith("Text 10, item 1 (")
+    assert "gives no tokens besides special tokens" in report.failed[0]
+    assert np.isnan(features[0]).all() and np.isfinite(features[1:]).all()
+    assert report.computed == 2 and report.stored == 0
+    with pytest.raises(ValueError, match=r"Text 0, item 1 \("):
+        make(mdlm_dir).transform(samples)
+    _, joined = make(mdlm_dir, text_pooling="join").transform_with_report([[bad], [CAPTIONS[1], bad]],
+                                                                          on_error="record")
+    assert list(joined.failed) == [0] and joined.failed[0].startswith("Text 0, its texts joined, (")

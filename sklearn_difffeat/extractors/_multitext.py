@@ -138,7 +138,8 @@ def transform_lists(extractor, samples: list, *, on_error: str = "raise", offset
         from_store[rows] = ~needed_model
         computed_rows = {int(r) for r in rows[needed_model]}
         for local, (j, message) in sorted(text_failed.items()):
-            failed[int(rows[local])] = f"Text {input_position(offset, int(rows[local]))}, item {j} {message}"
+            which = ", its texts joined," if j < 0 else f", item {j}"
+            failed[int(rows[local])] = f"Text {input_position(offset, int(rows[local]))}{which} {message}"
         if failed and on_error == "raise":
             raise ValueError(failed[min(failed)])
         if pooling == "mean" and extractor.cache is not None:
@@ -150,14 +151,15 @@ def transform_lists(extractor, samples: list, *, on_error: str = "raise", offset
 
 
 def _pool(extractor, groups: list, pooling: str, options: dict):
-    """Pooled features of ``groups`` (each a list of texts), the failed texts as {group: (item, message)}, and
-    which groups needed the model. The texts go once each through the extractor's plain path."""
+    """Pooled features of ``groups`` (each a list of texts), the failed texts as {group: (item, message)} (item
+    -1: the joined text), and which groups needed the model. The texts go once each through the extractor's plain
+    path."""
     if pooling == "mean":
         owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         items = np.concatenate([np.arange(len(g)) for g in groups])
         texts = [t for g in groups for t in g]
     else:
-        owner, items = np.arange(len(groups)), np.zeros(len(groups), dtype=np.int64)
+        owner, items = np.arange(len(groups)), np.full(len(groups), 0 if pooling == "first" else -1)
         texts = [g[0] if pooling == "first" else " ".join(g) for g in groups]
     distinct, member = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
     # Plain strings only: the extractor's plain path, which keys, reads and stores each text on its own.
