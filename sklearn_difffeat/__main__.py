@@ -1,4 +1,4 @@
-"""Command line: ``sklearn-difffeat demo``, ``extract`` and ``export`` (also ``python -m sklearn_difffeat``)."""
+"""Command line: ``sklearn-difffeat demo``, ``extract``, ``export``, ``reproduce`` (``python -m sklearn_difffeat``)."""
 
 import argparse
 import sys
@@ -20,15 +20,18 @@ def main(argv=None):
     talk.add_argument(
         "--verbose", action="store_true", help="also the extractors' progress bars and the search's per-step lines"
     )
-    from . import _export_cli, _extract_cli
+    from . import _export_cli, _extract_cli, _reproduce_cli
 
     _extract_cli.add_parser(sub)
     _export_cli.add_parser(sub)
+    _reproduce_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "extract":
         return _extract_cli.run(args)
     if args.command == "export":
         return _export_cli.run(args)
+    if args.command == "reproduce":
+        return _reproduce_cli.run(args)
     if args.command == "demo":
         from .demo import DemoSettings, run_demo
 

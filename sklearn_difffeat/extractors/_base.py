@@ -242,7 +242,8 @@ class BaseDiffusionFeatureExtractor(TransformerMixin, BaseEstimator):
         blocks = resolve_blocks(self.block, backbone.num_blocks)
         store = open_store(self.cache) if self.cache is not None else None
         depth = self._cache_depth(backbone) if store is not None else None
-        computed = sorted(set(blocks) | (set(range(depth + 1)) if depth is not None and depth > max(blocks) else set()))
+        # Every block up to cache_depth, also when it is a requested block (cache_depth=-1 with block=-1).
+        computed = sorted(set(blocks) | (set(range(depth + 1)) if depth is not None else set()))
         layout = self._layout(backbone, computed)
         unreadable = {} if on_error == "record" else None
         keys = samples.keys(self._workers(), unreadable)

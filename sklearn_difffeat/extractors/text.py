@@ -13,6 +13,7 @@ from ..backbones.text import is_text_backbone, load_text_backbone, loglinear_sig
 from ._base import BaseDiffusionFeatureExtractor
 from ._engine import Batch, BatchResult, TimestepFeatures, pool_tokens
 from ._inputs import as_list, input_position
+from ._multitext import TEXT_POOLINGS, text_lists, transform_lists
 from ._noise import key_words, sample_seeds, uniforms
 from ._runtime import prefetch
 from ._texts import TextSamples, tokenize
@@ -41,6 +42,10 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         text) masks nothing; ``1`` masks every token.
     pooling : {"mean", "max", "first"}, default="mean"
         Mean or max over the text's tokens (never padding), or the first token's state.
+    text_pooling : {"mean", "first", "join"}, default="mean"
+        For a sample that is a list of texts (an image's captions): the mean of its texts' features, its first
+        text's, or the feature of its texts joined with a space. Each text is computed and stored on its own
+        (see docs/text.md). Plain string samples are not affected.
     max_length : int or None, default=None
         Texts longer than this many tokens (special tokens included) are truncated, with one warning counting
         them. ``None`` uses the model's number of positions (1024 for MDLM-OWT), or no limit if it has none.
@@ -89,6 +94,7 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         "model": "no_validation",
         "timestep": ["array-like", Interval(numbers.Real, 0, 1, closed="both")],
         "pooling": [StrOptions({"mean", "max", "first"})],
+        "text_pooling": [StrOptions(set(TEXT_POOLINGS))],
         "max_length": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "trust_remote_code": ["boolean"],
     }
@@ -100,6 +106,7 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         block=-1,
         timestep=0.0,
         pooling="mean",
+        text_pooling="mean",
         max_length=None,
         n_noise_draws=1,
         random_state=0,
@@ -116,6 +123,7 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
         self.block = block
         self.timestep = timestep
         self.pooling = pooling
+        self.text_pooling = text_pooling
         self.max_length = max_length
         self.n_noise_draws = n_noise_draws
         self.random_state = random_state
@@ -168,6 +176,14 @@ class TextDiffusionFeatureExtractor(BaseDiffusionFeatureExtractor):
                 "input": "text-v2"}
 
     # ---- input ----------------------------------------------------------------------------------------
+    def transform_with_report(self, X, **options):
+        """As :meth:`BaseDiffusionFeatureExtractor.transform_with_report`; a sample may also be a list of texts,
+        pooled by ``text_pooling`` (see docs/text.md)."""
+        samples = text_lists(X)
+        if samples is None:
+            return super().transform_with_report(X, **options)
+        return transform_lists(self, samples, **options)
+
     def _samples(self, X, backbone, offset):
         return TextSamples(X, offset)
 

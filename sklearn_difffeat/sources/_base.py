@@ -119,7 +119,10 @@ def as_source(inputs, modality: str | None = None) -> Source:
 
 
 def text_problem(value) -> str | None:
-    """Why ``value`` is not a usable text, or None."""
+    """Why ``value`` is not a usable text, or None. A list of texts (a sample of several texts) is the text
+    extractor's to check, item by item."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return None
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "missing text (None/NaN)"
     if not isinstance(value, str):
