@@ -387,3 +387,25 @@ def test_to_uint8_images_decodes_alike_in_workers_and_names_a_bad_file(rgb_image
     for workers in (0, 2):
         with pytest.raises(ValueError, match=r"Image 4 \('.*broken\.jpg'\): cannot read file as an image"):
             _images.to_uint8_images([*files[:4], str(tmp_path / "broken.jpg"), *files[4:]], 16, num_workers=workers)
+
+
+def test_a_settled_file_is_read_once_per_process_and_a_rewritten_one_again(tmp_path, monkeypatch):
+    """Searches transform the same files at every candidate and fold: a file's key is remembered by its identity
+    (inode, size, times), so it is read once; a file written again is read again and keyed by its new bytes."""
+    from sklearn_difffeat.extractors import _files
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"first content")
+    reads = []
+    real = _files._read
+    monkeypatch.setattr(_files, "_read", lambda p, sink: reads.append(p) or real(p, sink))
+    expected = _files.content_key(b"first content")
+    assert _files.file_key(path) == _files.file_key(path) == expected
+    assert len(reads) == 2  # written just now: not settled, so not remembered
+    monkeypatch.setattr(_files, "_SETTLED_SECONDS", 0.0)
+    reads.clear()
+    assert [_files.file_key(path) for _ in range(3)] == [expected] * 3
+    assert len(reads) == 1
+    path.write_bytes(b"other content")  # same size, new bytes: new times, so a new identity
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # even on a coarse clock
+    assert _files.file_key(path) == _files.content_key(b"other content") and len(reads) == 2

@@ -11,6 +11,12 @@ both the key and the decoded pixels must come from one and the same content:
 * decoding reads the bytes again and checks them against the key (:func:`content_key`): a file rewritten
   between hashing and decoding fails instead of storing another picture's features under the old key.
 
+A search transforms the same files once per candidate and fold, so a process remembers the keys it hashed, by
+what identifies a file's content without reading it: device, inode, size, and modification and change times in
+nanoseconds (what make and rsync trust; the change time cannot be set back by a user). Writing a file gives it
+new times, so a rewritten file is hashed anew. As git does for its index, a file modified in the last two seconds
+is not remembered: a second write within the clock's resolution could otherwise keep its times.
+
 Errors are ``ValueError`` s whose text is the reason alone; the caller names the input.
 """
 
@@ -19,6 +25,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
+import time
+from collections import OrderedDict
 
 from ..store import KEY_LENGTH
 
@@ -30,11 +39,43 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, 
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+_KNOWN: OrderedDict = OrderedDict()  # file identity -> key, least recently used first
+_KNOWN_LIMIT = 1 << 20  # about 200 MB at most
+_KNOWN_LOCK = threading.Lock()
+_SETTLED_SECONDS = 2.0
+
+
 def file_key(path) -> bytes:
-    """The content key of a file (hex ASCII bytes): a hash of its bytes, read as the module docstring says."""
+    """The content key of a file (hex ASCII bytes): a hash of its bytes, read as the module docstring says (or
+    remembered from an earlier read in this process of the same, unchanged file)."""
+    identity = _identity(path)
+    if identity is not None:
+        with _KNOWN_LOCK:
+            key = _KNOWN.get(identity)
+            if key is not None:
+                _KNOWN.move_to_end(identity)
+                return key
     digest = hashlib.sha256(b"file:")
     _read(path, digest.update)
-    return digest.hexdigest()[:KEY_LENGTH].encode("ascii")
+    key = digest.hexdigest()[:KEY_LENGTH].encode("ascii")
+    if identity is not None and _identity(path) == identity:  # unchanged while it was read
+        with _KNOWN_LOCK:
+            _KNOWN[identity] = key
+            while len(_KNOWN) > _KNOWN_LIMIT:
+                _KNOWN.popitem(last=False)
+    return key
+
+
+def _identity(path):
+    """What identifies a regular file's content without reading it, or None (not a settled regular file)."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None  # reading it says why
+    changed = max(info.st_mtime_ns, info.st_ctime_ns)  # a copy may carry an old mtime, never an old ctime
+    if not stat.S_ISREG(info.st_mode) or time.time_ns() - changed < _SETTLED_SECONDS * 1e9:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def read_file(path) -> bytes:
