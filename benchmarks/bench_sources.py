@@ -22,7 +22,6 @@ import io
 import platform
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +31,7 @@ from sklearn_difffeat import DiTFeatureExtractor, extract
 from sklearn_difffeat.extractors.image import to_uint8_images
 from sklearn_difffeat.sources import WebDatasetSource
 
-
-def best_of(fn, repeats=3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def photo_like(rng) -> np.ndarray:
-    y, x = np.mgrid[0:480, 0:640] / 640.0
-    channels = [np.sin(x * rng.uniform(2, 9) + y * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)]
-    return (np.stack(channels, -1) * 100 + 128 + rng.normal(0, 8, (480, 640, 3))).clip(0, 255).astype(np.uint8)
+from bench_pipeline import best_of, photo_like  # the same photo-like JPEGs and timing as the decoding benchmark
 
 
 def write_corpus(n: int, folder: Path) -> tuple[list, str]:
