@@ -21,17 +21,14 @@ def main(argv=None):
         "--verbose", action="store_true", help="also the extractors' progress bars and the search's per-step lines"
     )
     from . import _export_cli, _extract_cli, _reproduce_cli
+    from ._cli import run_command
 
-    _extract_cli.add_parser(sub)
-    _export_cli.add_parser(sub)
-    _reproduce_cli.add_parser(sub)
+    commands = {"extract": _extract_cli, "export": _export_cli, "reproduce": _reproduce_cli}
+    for command in commands.values():
+        command.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "extract":
-        return _extract_cli.run(args)
-    if args.command == "export":
-        return _export_cli.run(args)
-    if args.command == "reproduce":
-        return _reproduce_cli.run(args)
+    if args.command in commands:
+        return run_command(args.command, commands[args.command].run, args)
     if args.command == "demo":
         from .demo import DemoSettings, run_demo
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -30,16 +29,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    """Run the command; errors are reported by :func:`sklearn_difffeat._cli.run_command`."""
+    from ._cli import CommandError
     from .export import export_features
 
-    try:
-        if args.chunk_rows is not None and args.chunk_rows < 1:
-            raise ValueError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
-        written = export_features(args.manifest, args.output, args.store, blocks=args.block,
-                                  timesteps=args.timestep, chunk_rows=args.chunk_rows, progress=not args.quiet)
-    except (ValueError, OSError, TypeError, ImportError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"sklearn-difffeat export: error: {message}", file=sys.stderr)
-        return 1
+    if args.chunk_rows is not None and args.chunk_rows < 1:
+        raise CommandError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
+    written = export_features(args.manifest, args.output, args.store, blocks=args.block, timesteps=args.timestep,
+                              chunk_rows=args.chunk_rows, progress=not args.quiet)
     print("wrote " + ", ".join(str(path) for path in written))
     return 0

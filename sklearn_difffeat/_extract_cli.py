@@ -6,15 +6,12 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+from ._cli import CommandError, dask_client
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-class CommandError(Exception):
-    """A problem with the command's arguments or inputs, reported as one line."""
 
 
 def add_parser(subparsers) -> None:
@@ -79,18 +76,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    except CommandError as exc:
-        print(f"sklearn-difffeat extract: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, TypeError, ImportError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"sklearn-difffeat extract: error: {message}", file=sys.stderr)
-        return 1
-
-
-def _run(args) -> int:
+    """Run the command; errors are reported by :func:`sklearn_difffeat._cli.run_command`."""
     inputs, is_text = read_inputs(args.input, args.text_column, args.image_column, args.image_key, args.text_key)
     extractor = _extractor(args, is_text)
     from .extraction import extract
@@ -98,7 +84,7 @@ def _run(args) -> int:
 
     manifest = args.manifest or default_manifest_path(args.store, args.input.stem or "extract")
     with contextlib.ExitStack() as stack:
-        client = _client(args, stack)
+        client = dask_client(args, stack)
         started = time.perf_counter()
         result = extract(extractor, inputs, args.store, client=client, shard_size=args.shard_size,
                          progress=not args.quiet, manifest=manifest)
@@ -212,43 +198,6 @@ def _extractor(args, is_text: bool):
     if steps != timesteps:
         raise CommandError(f"image timesteps are integer DDPM steps; got {args.timestep}")
     return DiTFeatureExtractor(args.model, block=args.block or [12], timestep=steps, compile=args.compile, **common)
-
-
-def _client(args, stack: contextlib.ExitStack):
-    """The Dask client the arguments ask for (None: run in this process), closed with ``stack``.
-
-    Local clusters start non-daemon workers, which may start DataLoader decoding processes; the setting stays on
-    while the cluster lives, so that a worker the nanny restarts is started the same way. Starting one leaves the
-    nanny's worker settings (``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``) in this process's environment,
-    where they would slow every process started later (joblib's workers, for one): the environment is put back.
-    """
-    if not (args.scheduler or args.local_gpus or args.local_workers):
-        return None
-    try:
-        import dask
-        from dask.distributed import Client, LocalCluster
-    except ImportError as exc:
-        raise CommandError("Dask is not installed: pip install 'sklearn-difffeat[dask]'") from exc
-    if args.scheduler:
-        return stack.enter_context(Client(args.scheduler))
-    stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
-    if args.local_gpus:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as exc:
-            raise CommandError("--local-gpus needs dask-cuda (pip install dask-cuda), or start one `dask worker` "
-                               "per GPU with CUDA_VISIBLE_DEVICES and pass --scheduler") from exc
-    environment = dict(os.environ)
-    try:
-        if args.local_gpus:
-            cluster = LocalCUDACluster(n_workers=args.local_gpus, threads_per_worker=1)
-        else:
-            cluster = LocalCluster(n_workers=args.local_workers, threads_per_worker=1, processes=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
-    stack.enter_context(cluster)
-    return stack.enter_context(Client(cluster))
 
 
 def main_parser() -> argparse.ArgumentParser:  # for `sklearn-difffeat extract --help` in the docs

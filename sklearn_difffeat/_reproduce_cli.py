@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -47,23 +46,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ._extract_cli import CommandError
-
-    try:
-        return _run(args)
-    except CommandError as exc:
-        print(f"sklearn-difffeat reproduce: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, TypeError, ImportError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"sklearn-difffeat reproduce: error: {message}", file=sys.stderr)
-        return 1
-
-
-def _run(args) -> int:
+    """Run the command; errors are reported by :func:`sklearn_difffeat._cli.run_command`."""
     import contextlib
 
-    from ._extract_cli import _client
+    from ._cli import dask_client
     from .reproduce import ReproduceSettings, run_reproduce
 
     settings = ReproduceSettings(
@@ -74,7 +60,7 @@ def _run(args) -> int:
     )
     args.local_workers = None  # `extract`'s cluster options, less the CPU-only one
     with contextlib.ExitStack() as stack:  # closes the client and a local cluster
-        client = _client(args, stack)
+        client = dask_client(args, stack)
         summary = run_reproduce(settings, client=client, gpu_workers=client is not None)
     counts = {m: c["computed"] for m, c in summary["extraction"].items()}
     print(f"samples computed this run: {json.dumps(counts)}; {summary['seconds']:.1f} s")

@@ -1011,10 +1011,10 @@ def test_command_local_clusters_start_workers_that_may_decode_in_processes():
     start DataLoader decoding processes."""
     import argparse
 
-    from sklearn_difffeat import _extract_cli
+    from sklearn_difffeat import _cli
 
     args = argparse.Namespace(scheduler=None, local_gpus=None, local_workers=1)
     with contextlib.ExitStack() as stack:
-        client = _extract_cli._client(args, stack)
+        client = _cli.dask_client(args, stack)
         daemon = client.run(lambda: multiprocessing.current_process().daemon)
     assert list(daemon.values()) == [False]
