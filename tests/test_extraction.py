@@ -387,3 +387,54 @@ def test_to_uint8_images_decodes_alike_in_workers_and_names_a_bad_file(rgb_image
     for workers in (0, 2):
         with pytest.raises(ValueError, match=r"Image 4 \('.*broken\.jpg'\): cannot read file as an image"):
             _images.to_uint8_images([*files[:4], str(tmp_path / "broken.jpg"), *files[4:]], 16, num_workers=workers)
+
+
+def test_noise_drawn_in_row_chunks_on_a_cpu_is_the_whole_batch_draw(tiny_pixel_dit_dir):
+    """The CPU draws noise a few rows at a time (the chunks here: 5, 5, 2 rows); each element is a pure function
+    of its sample, draw and index, so the numbers are those of one draw over the whole batch."""
+    import contextlib
+    import types
+
+    from sklearn_difffeat.extractors._noise import key_words, normals, sample_seeds
+
+    ext = DiTFeatureExtractor(str(tiny_pixel_dit_dir), n_noise_draws=2, random_state=7)
+    keys = np.array([f"{i:032x}".encode() for i in range(12)])
+    words = key_words(keys)
+    run = types.SimpleNamespace(device=torch.device("cpu"), elementwise_threads=contextlib.nullcontext)
+    shape = (3, 128, 128)  # 49,152 values a sample: 5 samples a chunk
+    drawn = ext._noises(run, words, shape)
+    assert len(drawn) == 2
+    for draw, noise in enumerate(drawn):
+        assert torch.equal(noise, normals(sample_seeds(words, 7, draw), shape))
+
+
+def test_element_wise_work_leaves_the_cores_to_decoding_threads(tiny_dit_dir, rgb_images, tmp_path, monkeypatch):
+    """While threads decode (a daemon process), the noise is drawn on the cores they leave and the model keeps
+    torch's threads; afterwards torch has its threads back, and the features are those of decoding in-process."""
+    import multiprocessing
+
+    from sklearn_difffeat.backbones.dit import DiTBackbone
+    from sklearn_difffeat.extractors import image
+    from sklearn_difffeat.extractors._parallel import usable_cores
+
+    paths = []
+    for i, pixels in enumerate(rgb_images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(pixels).save(paths[-1])
+    seen = {"noise": set(), "model": set()}
+    real_normals, real_hidden = image.normals, DiTBackbone.hidden_states
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the model's last bits may depend on torch's thread count: the same on both sides
+    try:
+        reference = ext_for(tiny_dit_dir, num_workers=0, batch_size=3).transform(paths)
+        monkeypatch.setattr(image, "normals", lambda *a: seen["noise"].add(torch.get_num_threads())
+                            or real_normals(*a))
+        monkeypatch.setattr(DiTBackbone, "hidden_states", lambda self, *a, **k:
+                            seen["model"].add(torch.get_num_threads()) or real_hidden(self, *a, **k))
+        monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
+        features = ext_for(tiny_dit_dir, num_workers=2, batch_size=3).transform(paths)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"noise": {max(1, min(2, usable_cores() - 2))}, "model": {2}} and after == 2
+    np.testing.assert_array_equal(features, reference)
