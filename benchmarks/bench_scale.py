@@ -11,7 +11,9 @@ Two cases, each into fresh stores, with features checked identical between the r
    start DataLoader workers), and one non-daemon worker, which decodes in DataLoader processes. Pillow decodes a
    640x480 JPEG at half scale for a 128 px input, as for DiT-XL/2's 256 px. (The embedded DiT's 32 px input
    lets Pillow decode at 1/8 scale, so cheaply that decoding would not be what is measured; at 256 px, a
-   pixel-space model's per-pixel noise costs as much as decoding.)
+   pixel-space model's noise, four times as many values, would weigh more beside decoding.) One more row runs
+   the in-process case into stores that close a segment every 64 rows (a batch), so that segments are written
+   during the stream (by the store's writer thread), as a long GPU run's are, not all at a shard's end.
 
 Each time is the best of ``--repeat`` runs (the machine may be shared). Prints the wall times and ratios and
 writes them to ``benchmarks/results/scale_cpu.txt``. Usage::
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sklearn_difffeat import DiTFeatureExtractor, extract
+from sklearn_difffeat import DiTFeatureExtractor, FeatureStore, extract
 from sklearn_difffeat.datasets import load_fashion_mosaics
 from sklearn_difffeat.extractors.image import to_uint8_images
 
@@ -48,10 +50,13 @@ def say(line: str) -> None:
     LINES.append(line)
 
 
-def extraction(inputs, client, shard_size, model="embedded:fashion-dit", **params):
-    """A function timing one extraction of ``inputs`` into a fresh store: ``() -> (seconds, features)``."""
+def extraction(inputs, client, shard_size, model="embedded:fashion-dit", segment_rows=None, **params):
+    """A function timing one extraction of ``inputs`` into a fresh store (closing a segment every
+    ``segment_rows`` rows, if given): ``() -> (seconds, features)``."""
     def run():
         with tempfile.TemporaryDirectory() as store:
+            if segment_rows is not None:
+                FeatureStore.create(store, segment_rows=segment_rows)
             start = time.perf_counter()
             result = extract(DiTFeatureExtractor(model, **params), inputs, store, client=client,
                              shard_size=shard_size, progress=False)
@@ -91,7 +96,7 @@ def report(n: int, best: dict, baseline: str) -> None:
     for name, (seconds, features) in best.items():
         gap = np.abs(features - reference).max()
         same = "identical" if gap == 0 else f"differ by up to {gap:.1e}"
-        say(f"   {name:<46}{seconds:7.1f} s {n / seconds:6.0f} img/s  {base_seconds / seconds:5.2f}x"
+        say(f"   {name:<48}{seconds:7.1f} s {n / seconds:6.0f} img/s  {base_seconds / seconds:5.2f}x"
             f"  (features {same})")
 
 
@@ -156,6 +161,9 @@ def decoding_bound(n: int, shard_size: int, workers: int, repeat: int) -> None:
                                                            **params),
             "Dask, 1 non-daemon worker: DataLoader": extraction(paths, cluster(stack, 1, daemon=False), shard_size,
                                                                 num_workers=workers, **params),
+            # A segment per batch: the writes with their fsyncs come during the stream, not only at a shard's end.
+            "in-process, num_workers=0, segments of 64 rows": extraction(paths, None, shard_size, segment_rows=64,
+                                                                         num_workers=0, **params),
         }
         for run in runs.values():  # load the model here and in each worker, and read the files once
             run()

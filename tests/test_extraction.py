@@ -151,7 +151,9 @@ _WORKER = textwrap.dedent(
     import os, signal, sys
     import numpy as np
     from sklearn_difffeat import DiTFeatureExtractor
-    model, store, data, out, kill_after = sys.argv[1:6]
+    from sklearn_difffeat.extractors import _writes
+    model, store, data, out, kill_after, background = sys.argv[1:7]
+    _writes.WRITE_IN_BACKGROUND = background == "True"
     X = np.load(data)
     ext = DiTFeatureExtractor(model, block=[1, 4], timestep=[50, 600], batch_size=2, cache=store).fit(X)
     passes = []
@@ -165,23 +167,28 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _worker(model, store, data, out, kill_after=10**6):
+def _worker(model, store, data, out, kill_after=10**6, background=True):
     return subprocess.Popen([sys.executable, "-c", _WORKER, str(model), str(store), str(data), str(out),
-                             str(kill_after)])
+                             str(kill_after), str(background)])
 
 
-def test_killed_extraction_resumes_and_equals_an_uninterrupted_run(tiny_dit_dir, tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_killed_extraction_resumes_and_equals_an_uninterrupted_run(tiny_dit_dir, tmp_path, background):
+    """A run killed mid-way keeps its completed segments; the rerun computes exactly what is missing. Segments
+    written by the writer thread: the kill may also lose the batches handed over and not yet written."""
     images = np.random.default_rng(5).integers(0, 256, size=(9, 16, 16, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
     store_dir = tmp_path / "store"
     FeatureStore.create(store_dir, segment_rows=2)  # every batch of 2 closes a segment
-    proc = _worker(tiny_dit_dir, store_dir, tmp_path / "x.npy", tmp_path / "never.npy", kill_after=5)
+    proc = _worker(tiny_dit_dir, store_dir, tmp_path / "x.npy", tmp_path / "never.npy", kill_after=5,
+                   background=background)
     assert proc.wait() == -9
     store = FeatureStore(store_dir)
-    features = {name: store.count(name) for name in store.namespaces() if name.startswith("dit-b")}
-    assert len(features) == 4 and 0 < sum(features.values()) < 4 * 9  # some, not all, was kept
     ext = DiTFeatureExtractor(str(tiny_dit_dir), block=[1, 4], timestep=[50, 600], batch_size=2,
                               cache=str(store_dir)).fit(images)
+    features = {name: store.count(name) for name in ext.feature_layout().namespaces.values()}
+    assert sum(features.values()) < 4 * 9  # not all was kept ...
+    assert background or min(features.values()) > 0  # ... and, written by the run's thread, some of each
     counter = PassCounter(ext)
     resumed = ext.transform(images)
     counter.close()
@@ -409,3 +416,54 @@ def test_a_settled_file_is_read_once_per_process_and_a_rewritten_one_again(tmp_p
     path.write_bytes(b"other content")  # same size, new bytes: new times, so a new identity
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # even on a coarse clock
     assert _files.file_key(path) == _files.content_key(b"other content") and len(reads) == 2
+
+
+def test_noise_drawn_in_row_chunks_on_a_cpu_is_the_whole_batch_draw(tiny_pixel_dit_dir):
+    """The CPU draws noise a few rows at a time (the chunks here: 5, 5, 2 rows); each element is a pure function
+    of its sample, draw and index, so the numbers are those of one draw over the whole batch."""
+    import contextlib
+    import types
+
+    from sklearn_difffeat.extractors._noise import key_words, normals, sample_seeds
+
+    ext = DiTFeatureExtractor(str(tiny_pixel_dit_dir), n_noise_draws=2, random_state=7)
+    keys = np.array([f"{i:032x}".encode() for i in range(12)])
+    words = key_words(keys)
+    run = types.SimpleNamespace(device=torch.device("cpu"), elementwise_threads=contextlib.nullcontext)
+    shape = (3, 128, 128)  # 49,152 values a sample: 5 samples a chunk
+    drawn = ext._noises(run, words, shape)
+    assert len(drawn) == 2
+    for draw, noise in enumerate(drawn):
+        assert torch.equal(noise, normals(sample_seeds(words, 7, draw), shape))
+
+
+def test_element_wise_work_leaves_the_cores_to_decoding_threads(tiny_dit_dir, rgb_images, tmp_path, monkeypatch):
+    """While threads decode (a daemon process), the noise is drawn on the cores they leave and the model keeps
+    torch's threads; afterwards torch has its threads back, and the features are those of decoding in-process."""
+    import multiprocessing
+
+    from sklearn_difffeat.backbones.dit import DiTBackbone
+    from sklearn_difffeat.extractors import image
+    from sklearn_difffeat.extractors._parallel import usable_cores
+
+    paths = []
+    for i, pixels in enumerate(rgb_images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(pixels).save(paths[-1])
+    seen = {"noise": set(), "model": set()}
+    real_normals, real_hidden = image.normals, DiTBackbone.hidden_states
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the model's last bits may depend on torch's thread count: the same on both sides
+    try:
+        reference = ext_for(tiny_dit_dir, num_workers=0, batch_size=3).transform(paths)
+        monkeypatch.setattr(image, "normals", lambda *a: seen["noise"].add(torch.get_num_threads())
+                            or real_normals(*a))
+        monkeypatch.setattr(DiTBackbone, "hidden_states", lambda self, *a, **k:
+                            seen["model"].add(torch.get_num_threads()) or real_hidden(self, *a, **k))
+        monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
+        features = ext_for(tiny_dit_dir, num_workers=2, batch_size=3).transform(paths)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"noise": {max(1, min(2, usable_cores() - 2))}, "model": {2}} and after == 2
+    np.testing.assert_array_equal(features, reference)

@@ -790,6 +790,106 @@ def test_read_only_store_fails_extract(tiny_dit_dir, rgb_images, tmp_path, monke
         (tmp_path / "ro").chmod(0o700)
 
 
+def _writer_threads():
+    return [t for t in threading.enumerate() if t.name == "feature-store-writer"]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failed_segment_write_mid_run_fails_it_and_keeps_the_segments_before(tiny_dit_dir, rgb_images, tmp_path,
+                                                                              monkeypatch, background):
+    """Fault 2, mid-run: with a segment per batch, the disk fills after a few segments. Written by the background
+    thread or in the run's own, the run raises the store's StoreWriteError, leaves no thread behind, and every
+    segment completed before the error holds exactly the features a run without a store computes."""
+    from sklearn_difffeat.extractors import _writes
+
+    monkeypatch.setattr(_writes, "WRITE_IN_BACKGROUND", background)
+    reference = dit(tiny_dit_dir, batch_size=2, num_workers=0).transform(rgb_images)
+    store = tmp_path / "store"
+    FeatureStore.create(store, segment_rows=2)  # a segment for every batch of 2
+    calls = fail_store_writes(monkeypatch, OSError(errno.ENOSPC, "No space left on device"), allowed=8)
+    ext = dit(tiny_dit_dir, cache=str(store), batch_size=2, num_workers=0)
+    with pytest.raises(StoreWriteError, match=f"{store}.*No space left on device"):
+        ext.transform_with_report(rgb_images, on_store_error="raise")
+    assert len(calls) == 9  # nothing is tried after the write that failed
+    assert not _writer_threads()
+    kept = FeatureStore(store)
+    layout = ext.feature_layout()
+    stored = {}
+    keys = dit(tiny_dit_dir).transform_with_report(rgb_images)[1].keys
+    for (block, step), name in layout.namespaces.items():
+        values, found = kept.read(name, keys, layout.width)
+        stored[name] = int(found.sum())
+        column = (BLOCKS.index(block) * len(STEPS) + STEPS.index(step)) * layout.width
+        np.testing.assert_array_equal(values[found], reference[found, column:column + layout.width])
+    assert sum(stored.values()) > 0 and all(count % 2 == 0 for count in stored.values())
+
+
+def test_the_writer_thread_never_blocks_a_run_after_an_error():
+    """Fault 2, hand-over: a slow disk fills the hand-over queue, so the run waits; then the write fails. The run
+    gets the error once, and neither the hand-overs waiting nor later ones nor the close wait forever on the
+    thread that stopped writing."""
+    from sklearn_difffeat.extractors._writes import StoreWrites
+
+    disk_answers = threading.Event()
+
+    class SlowFullDisk:
+        def writer(self, namespace, width, description):
+            return self
+
+        def add(self, keys, values):
+            disk_answers.wait(timeout=30)
+            raise StoreWriteError("Could not write a segment: [ENOSPC] No space left on device")
+
+    writes = StoreWrites(SlowFullDisk(), background=True, depth=1)
+    batch = [("ns", None, keys(0), rows(0))]
+    outcome = []
+
+    def run():
+        raised = 0
+        for _ in range(6):  # the first is being written, the second waits in the queue, the third waits to enter
+            try:
+                writes.put(batch)
+            except StoreWriteError:
+                raised += 1
+        try:
+            writes.close()
+        except StoreWriteError:
+            raised += 1
+        outcome.append(raised)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    assert thread.is_alive() and not outcome  # the run waits for the disk: memory stays bounded
+    disk_answers.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and outcome == [1]
+    assert not _writer_threads()
+
+
+def test_features_and_store_are_the_same_with_and_without_the_writer_thread(tiny_dit_dir, rgb_images, tmp_path,
+                                                                           monkeypatch):
+    """The background writer changes when segments are written, not what: the same features, the same stored
+    rows, for a run that writes a segment per batch."""
+    from sklearn_difffeat.extractors import _writes
+
+    runs = {}
+    for background in (True, False):
+        monkeypatch.setattr(_writes, "WRITE_IN_BACKGROUND", background)
+        store = tmp_path / f"store-{background}"
+        FeatureStore.create(store, segment_rows=2)
+        ext = dit(tiny_dit_dir, cache=str(store), batch_size=2)
+        features, report = ext.transform_with_report(rgb_images)
+        kept = FeatureStore(store)
+        rows = {name: kept.read(name, report.keys, None) for name in kept.namespaces()}
+        runs[background] = features, rows
+    np.testing.assert_array_equal(runs[True][0], runs[False][0])
+    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[True][1]) == len(BLOCKS) * len(STEPS) + 1
+    for name, (values, found) in runs[True][1].items():
+        assert found.all()
+        np.testing.assert_array_equal(values, runs[False][1][name][0])
+
+
 def _limit_file_size(size=16 << 10):
     """RLIMIT_FSIZE for this process (default 16 KiB, which the store's segments exceed)."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))

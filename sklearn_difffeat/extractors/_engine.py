@@ -9,7 +9,8 @@ a batch (:class:`BatchResult`). A :class:`TransformRun` does the rest:
 3. stream the rest through the extractor's batches (decoded in worker processes, or read from the store),
    computing every missing timestep of a batch while its clean input is at hand;
 4. copy results back asynchronously, so the device computes batch k + 1 while the host stores batch k, and
-   append them to the store segment by segment, so an interrupted run keeps what it finished.
+   append them to the store segment by segment, so an interrupted run keeps what it finished. Segments are
+   written by a thread of their own (``_writes``), so that a segment's fsyncs never hold up the stream.
 
 A sample that cannot be read fails alone: it is left out of its batch, so nothing of it (no latent, no feature)
 is ever computed or stored, and its row is NaN. A store that cannot be written is handled as the run says
@@ -31,6 +32,8 @@ from tqdm.auto import tqdm
 
 from ..store import FeatureStore, StoreWriteError
 from ._noise import key_words
+from ._parallel import torch_threads_beside
+from ._writes import StoreWrites
 
 
 @dataclass(frozen=True)
@@ -199,10 +202,11 @@ class TransformRun:
         self.on_error = on_error
         self.missing = np.ones((len(keys), len(layout.timesteps)), dtype=bool)
         self.out = np.empty((len(inverse), len(blocks), len(layout.timesteps), layout.width), dtype=np.float32)
-        self.writers: dict = {}
+        self.writes = StoreWrites(store) if store is not None else None
         self.failures: dict = {}  # distinct row -> reason
         self.store_failed = False
         self.todo = np.empty(0, dtype=np.int64)
+        self.decoders = 0  # threads or processes decoding this run's inputs on this machine's cores meanwhile
 
     @property
     def timesteps(self) -> tuple:
@@ -276,11 +280,12 @@ class TransformRun:
         return batch, copies, extra, event
 
     def store_results(self, item, progress):
+        """Copy a batch's features into the output, and hand its rows over to the store's writer."""
         batch, copies, extra, event = item
         if event is not None:
             event.synchronize()
-        for rows in extra:
-            self.write(rows.namespace, rows.description, self.keys[batch.rows[rows.local]], rows.values.numpy())
+        rows_to_store = [(rows.namespace, rows.description, self.keys[batch.rows[rows.local]], rows.values.numpy())
+                         for rows in extra]
         for ti, (local, computed, values) in copies.items():
             values = values.numpy()
             rows = batch.rows[local]
@@ -289,28 +294,28 @@ class TransformRun:
                 self.out[self.first[rows], bi, ti] = values[:, computed.index(b)]
             for j, b in enumerate(computed):
                 namespace = self.layout.namespaces[b, t]
-                self.write(namespace, self.layout.descriptions[namespace], self.keys[rows], values[:, j])
+                rows_to_store.append((namespace, self.layout.descriptions[namespace], self.keys[rows], values[:, j]))
             self.missing[rows, ti] = False
             progress.update(len(rows))
+        self.hand_over(rows_to_store)
 
-    def write(self, namespace, description, keys, values):
-        if self.store is None or self.store_failed:
+    def hand_over(self, rows: list):
+        """Give rows to the store's writer (a thread of its own), which raises the error of an earlier write."""
+        if self.writes is None or self.store_failed:
             return
-        writer = self.writers.get(namespace)
-        if writer is None:
-            writer = self.writers[namespace] = self.store.writer(namespace, values.shape[1], description)
         try:
-            writer.add(keys, values)
+            self.writes.put(rows)
         except StoreWriteError as exc:
             self.store_unwritable(exc)
 
     def close_writers(self):
-        for writer in self.writers.values():
-            if self.store_failed:
-                break
-            try:
-                writer.flush()
-            except StoreWriteError as exc:
+        """Write what the store's writer still buffers, and wait for it."""
+        if self.writes is None:
+            return
+        try:
+            self.writes.close()
+        except StoreWriteError as exc:
+            if not self.store_failed:
                 self.store_unwritable(exc)
 
     def store_unwritable(self, exc: StoreWriteError):
@@ -374,6 +379,13 @@ class TransformRun:
                 continue
             start = stop
         return outputs
+
+    def elementwise_threads(self):
+        """A context for work whose result does not depend on torch's thread count (element-wise, such as the
+        noise): while decoders run beside a CPU computation, torch computes it on the cores they leave (see
+        ``_parallel.torch_threads_beside``). The model keeps torch's thread count: its results may change in the
+        last bits with it (measured for a VAE encoder), and features must not change with the decoding path."""
+        return torch_threads_beside(self.decoders if self.device.type == "cpu" else 0)
 
     def seed_words(self, rows: np.ndarray, device) -> torch.Tensor:
         """The key words (noise seeds) of distinct ``rows``, on ``device``."""

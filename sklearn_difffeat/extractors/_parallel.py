@@ -13,10 +13,14 @@ are forked, whatever the process's default start method; they touch neither CUDA
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 
 def processes_usable(batch_bytes: int) -> bool:
@@ -57,3 +61,28 @@ def ordered_batches(load, n: int, batch_size: int, workers: int):
             yield [pending.popleft().result() for _ in range(stop - start)]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads_beside(decoders: int):
+    """While ``decoders`` threads or processes decode on this machine's cores, the calling thread's torch computes
+    on the cores they leave (at least one); its thread count is restored after.
+
+    torch's threads meet after every operation, so on oversubscribed cores each operation waits for whichever of
+    its threads was descheduled; decoding threads and processes meet no one. torch's thread count is kept per
+    thread once a thread has computed, so this changes the calling thread alone (and threads started meanwhile).
+    """
+    before = torch.get_num_threads()
+    wanted = max(1, min(before, usable_cores() - decoders)) if decoders > 0 else before
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
