@@ -15,6 +15,11 @@ Two cases, each into fresh stores, with features checked identical between the r
    the in-process case into stores that close a segment every 64 rows (a batch), so that segments are written
    during the stream (by the store's writer thread), as a long GPU run's are, not all at a shard's end.
 
+Dask workers are started as the command starts them (``dask_worker_config``): torch's OpenMP threads there
+wait passively (``OMP_WAIT_POLICY=PASSIVE``), so that they leave the cores to the decoders between operations.
+The in-process rows run with this process's own setting, printed in the first line (the command sets PASSIVE
+for itself; a Python session has OpenMP's default unless its environment says otherwise).
+
 Each time is the best of ``--repeat`` runs (the machine may be shared). Prints the wall times and ratios and
 writes them to ``benchmarks/results/scale_cpu.txt``. Usage::
 
@@ -40,6 +45,7 @@ from PIL import Image
 
 from sklearn_difffeat import DiTFeatureExtractor, FeatureStore, extract
 from sklearn_difffeat.datasets import load_fashion_mosaics
+from sklearn_difffeat.extraction import dask_worker_config
 from sklearn_difffeat.extractors.image import to_uint8_images
 
 LINES: list = []
@@ -82,10 +88,11 @@ def best_of(runs: dict, repeat: int) -> dict:
 
 
 def cluster(stack: contextlib.ExitStack, workers: int, daemon: bool = True):
-    """A client of a local cluster of ``workers`` worker processes (one thread each), closed with ``stack``."""
+    """A client of a local cluster of ``workers`` worker processes (one thread each), closed with ``stack``, started
+    as the command starts its local clusters (``dask_worker_config``: torch's threads there wait passively)."""
     from dask.distributed import Client, LocalCluster
 
-    with dask.config.set({"distributed.worker.daemon": daemon}):
+    with dask.config.set(dask_worker_config(daemon=daemon)):
         local = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                  dashboard_address=":0"))
     return stack.enter_context(Client(local))
@@ -189,7 +196,9 @@ def main():
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     say(f"machine: {platform.machine()}, {cores} cores, load average {os.getloadavg()[0]:.1f}; best of "
-        f"{args.repeat} interleaved rounds")
+        f"{args.repeat} interleaved rounds; OMP_WAIT_POLICY in this process: "
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, in Dask workers: "
+        f"{dask_worker_config()['distributed.nanny.pre-spawn-environ'].get('OMP_WAIT_POLICY', 'unset')}")
     compute_bound(args.n, args.shard_size, args.repeat)
     decoding_bound(args.jpegs, args.jpeg_shard_size, max(2, cores), args.repeat)
     if args.gpus:
@@ -198,7 +207,8 @@ def main():
 
         images = list(load_fashion_mosaics(args.n, split="train", random_state=0).data["image"])
         gpu = dict(block=[4, 8], timestep=[0, 100], batch_size=256)
-        with LocalCUDACluster(n_workers=args.gpus, threads_per_worker=1) as local, Client(local) as client:
+        with dask.config.set(dask_worker_config()), LocalCUDACluster(n_workers=args.gpus, threads_per_worker=1) \
+                as local, Client(local) as client:
             extraction(images[:256], client, args.shard_size, **gpu)()
             seconds, _ = extraction(images, client, args.shard_size, **gpu)()
         say(f"Dask, one worker per GPU ({args.gpus})  {seconds:7.1f} s  {args.n / seconds:7.0f} img/s")

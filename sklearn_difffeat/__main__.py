@@ -1,10 +1,14 @@
 """Command line: ``sklearn-difffeat demo``, ``extract``, ``export``, ``reproduce`` (``python -m sklearn_difffeat``)."""
 
 import argparse
+import os
 import sys
 
 
 def main(argv=None):
+    # Decoding workers share the cores with torch's threads: OpenMP threads waiting for work should sleep, not
+    # spin (see extraction.dask_worker_config). OpenMP reads this once, when torch loads, which happens below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="sklearn-difffeat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run Diff-Feat end to end on the embedded data and models (offline, CPU)")

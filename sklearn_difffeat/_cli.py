@@ -29,7 +29,8 @@ def run_command(name: str, run, args) -> int:
 def dask_client(args, stack: contextlib.ExitStack):
     """The Dask client the arguments ask for (None: run in this process), closed with ``stack``.
 
-    Local clusters start non-daemon workers, which may start DataLoader decoding processes; the setting stays on
+    Local clusters start their workers with :func:`~sklearn_difffeat.extraction.dask_worker_config` (non-daemon,
+    so that they may start DataLoader decoding processes; torch's threads waiting passively); the settings stay on
     while the cluster lives, so that a worker the nanny restarts is started the same way. Starting one leaves the
     nanny's worker settings (``OMP_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``) in this process's environment,
     where they would slow every process started later (joblib's workers, for one): the environment is put back.
@@ -43,7 +44,9 @@ def dask_client(args, stack: contextlib.ExitStack):
         raise CommandError("Dask is not installed: pip install 'sklearn-difffeat[dask]'") from exc
     if args.scheduler:
         return stack.enter_context(Client(args.scheduler))
-    stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+    from .extraction import dask_worker_config
+
+    stack.enter_context(dask.config.set(dask_worker_config()))
     if args.local_gpus:
         try:
             from dask_cuda import LocalCUDACluster

@@ -1106,15 +1106,49 @@ def test_truncation_is_per_call_under_threads():
     assert errors == []
 
 
-def test_command_local_clusters_start_workers_that_may_decode_in_processes():
+def test_command_local_clusters_start_workers_that_may_decode_in_processes(monkeypatch):
     """Parallel decoding: the command's local cluster starts non-daemon workers, so that extractors there can
-    start DataLoader decoding processes."""
+    start DataLoader decoding processes, with torch's OpenMP threads waiting passively (set before torch loads)."""
     import argparse
 
     from sklearn_difffeat import _cli
 
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     args = argparse.Namespace(scheduler=None, local_gpus=None, local_workers=1)
     with contextlib.ExitStack() as stack:
         client = _cli.dask_client(args, stack)
-        daemon = client.run(lambda: multiprocessing.current_process().daemon)
-    assert list(daemon.values()) == [False]
+        seen = client.run(lambda: (multiprocessing.current_process().daemon, os.environ.get("OMP_WAIT_POLICY"),
+                                   os.environ.get("MALLOC_TRIM_THRESHOLD_")))
+    # The nanny's own worker settings are kept beside the added one (the shard task undoes them for torch).
+    assert list(seen.values()) == [(False, "PASSIVE", "65536")]
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_dask_worker_config_keeps_the_nannys_settings_and_a_users_wait_policy(monkeypatch):
+    import dask
+
+    from sklearn_difffeat.extraction import dask_worker_config
+
+    defaults = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    config = dask_worker_config(daemon=True)
+    assert config == {"distributed.worker.daemon": True,
+                      "distributed.nanny.pre-spawn-environ": {**defaults, "OMP_WAIT_POLICY": "PASSIVE"}}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice reaches the workers through the nanny
+    assert dask_worker_config()["distributed.nanny.pre-spawn-environ"] == defaults
+    assert dask.config.get("distributed.nanny.pre-spawn-environ") == defaults  # nothing changed globally
+
+
+def test_the_command_sets_a_passive_openmp_wait_before_torch_loads(monkeypatch):
+    """OpenMP reads OMP_WAIT_POLICY when torch loads: the command module must not load torch before main() sets
+    it, and main() leaves a value the user set."""
+    code = ("import sys, sklearn_difffeat.__main__ as m; loaded = 'torch' in sys.modules\n"
+            "try:\n    m.main(['export', '--help'])\nexcept SystemExit:\n    pass\n"
+            "import os; print(loaded, os.environ.get('OMP_WAIT_POLICY'), file=sys.stderr)")
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == f"False {expected}"
