@@ -230,8 +230,9 @@ def dask_worker_config(daemon: bool = False) -> dict:
       It changes how threads wait, not what they compute: features are the same.
     """
     import dask
+    import distributed  # noqa: F401  (its import puts the nanny's defaults into Dask's config)
 
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}))
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
     if "OMP_WAIT_POLICY" not in os.environ:
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return {"distributed.worker.daemon": daemon, "distributed.nanny.pre-spawn-environ": environ}

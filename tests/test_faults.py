@@ -1112,6 +1112,7 @@ def test_command_local_clusters_start_workers_that_may_decode_in_processes(monke
     import argparse
 
     import dask
+    import distributed  # noqa: F401  (its defaults in Dask's config)
 
     from sklearn_difffeat import _cli
 
@@ -1129,6 +1130,7 @@ def test_command_local_clusters_start_workers_that_may_decode_in_processes(monke
 
 def test_dask_worker_config_keeps_the_nannys_settings_and_a_users_wait_policy(monkeypatch):
     import dask
+    import distributed  # noqa: F401  (its defaults in Dask's config)
 
     from sklearn_difffeat.extraction import dask_worker_config
 
