@@ -52,6 +52,14 @@ class StoreReadError(OSError):
     nothing was dropped, and the same read may succeed later. ``errno`` is the OS error's number."""
 
 
+def caused_by(error_type: type[OSError], message: str, exc: BaseException) -> OSError:
+    """``error_type(message)`` carrying the errno of the OS error ``exc`` that caused it (None for an error without
+    one, such as ``MemoryError``), for ``raise ... from exc``."""
+    error = error_type(message)
+    error.errno = getattr(exc, "errno", None)
+    return error
+
+
 class SegmentDamaged(ValueError):
     """A segment's index or data cannot be read or does not match: its rows count as absent."""
 
@@ -180,10 +188,8 @@ def append_segment(directory: Path, namespace: str, keys: np.ndarray, values: np
             write_atomic(folder / NAMESPACE_FILE, text.encode(), durable=durable)
         return write_segment(folder, keys, values, durable)
     except OSError as exc:
-        error = StoreWriteError(f"Could not write a segment of namespace {namespace!r} to the feature store "
-                                f"{directory}: {os_error_text(exc)}")
-        error.errno = exc.errno
-        raise error from exc
+        raise caused_by(StoreWriteError, f"Could not write a segment of namespace {namespace!r} to the feature "
+                                         f"store {directory}: {os_error_text(exc)}", exc) from exc
 
 
 # ---- reading ------------------------------------------------------------------------------------------------

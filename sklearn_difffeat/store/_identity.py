@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ._files import is_transient, make_folder, os_error_text, write_atomic
-from ._format import FORMAT, StoreWriteError, stable_hash
+from ._format import FORMAT, StoreWriteError, caused_by, stable_hash
 
 IDENTITY_FOLDER = ".identities"  # starts with '.': never taken for a namespace, by this version or an older one
 _RECORD_VERSION = 1
@@ -98,10 +98,8 @@ def record(directory: Path, identity: dict, resolved: dict, warn, durable: bool 
         make_folder(folder, durable)
         write_atomic(folder / name, json.dumps(record, indent=1).encode(), durable=durable)
     except OSError as exc:
-        error = StoreWriteError(f"Could not record a model identity in the feature store {directory} "
-                                f"(folder {IDENTITY_FOLDER}): {os_error_text(exc)}")
-        error.errno = exc.errno
-        raise error from exc
+        raise caused_by(StoreWriteError, f"Could not record a model identity in the feature store {directory} "
+                                         f"(folder {IDENTITY_FOLDER}): {os_error_text(exc)}", exc) from exc
 
 
 def lookup(directory: Path, identity: dict, warn) -> dict | None:

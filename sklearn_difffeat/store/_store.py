@@ -25,6 +25,7 @@ from ._format import (
     StoreWriteError,
     append_segment,
     as_keys,
+    caused_by,
     check_namespace,
     delete_namespace,
     delete_segment,
@@ -99,9 +100,8 @@ class FeatureStore:
             make_folder(store.directory, store.durable)
             write_settings(store.directory, store.settings, store.durable)
         except OSError as exc:
-            error = StoreWriteError(f"Could not create the feature store {store.directory}: {os_error_text(exc)}")
-            error.errno = exc.errno
-            raise error from exc
+            raise caused_by(StoreWriteError, f"Could not create the feature store {store.directory}: "
+                                             f"{os_error_text(exc)}", exc) from exc
         return store
 
     def __repr__(self):
@@ -292,12 +292,10 @@ class FeatureStore:
                 if not is_transient(exc):
                     raise
                 if attempt == 2:
-                    error = StoreReadError(
-                        f"Could not read {what} in the feature store {self.directory}: {os_error_text(exc)}, even "
-                        "after closing the store's memory maps. This is not damage and nothing was dropped; retry "
-                        "with fewer files open or more memory (e.g. a higher `ulimit -n`).")
-                    error.errno = getattr(exc, "errno", None)
-                    raise error from exc
+                    raise caused_by(StoreReadError, f"Could not read {what} in the feature store {self.directory}: "
+                                    f"{os_error_text(exc)}, even after closing the store's memory maps. This is not "
+                                    "damage and nothing was dropped; retry with fewer files open or more memory (e.g. "
+                                    "a higher `ulimit -n`).", exc) from exc
                 self._maps.clear()
 
     def _drop(self, ns: NamespaceIndex, segment_ids, reason: str):
