@@ -132,6 +132,23 @@ def text_problem(value) -> str | None:
     return None
 
 
+def row_problems(values, modality: str) -> dict:
+    """``{position: reason}`` for the rows of a table or dataset column that cannot be a sample: a text that is
+    not usable (:func:`text_problem`), or an image that is null (None, or an image struct with neither bytes
+    nor path)."""
+    problems = {}
+    for i, value in enumerate(values):
+        if modality == "texts":
+            problem = text_problem(value)
+        elif value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
+            problem = "no image (a null value)"
+        else:
+            problem = None
+        if problem:
+            problems[i] = problem
+    return problems
+
+
 def resolve_files(spec, suffix: str, what: str) -> list[str]:
     """Files named by ``spec``: a file, a brace pattern (``shards/{00000..00099}.tar``), a folder (its ``suffix``
     files, sorted, searched recursively) or a list of files. Every file must exist."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from ._base import Shard, ShardInputs, Source, text_problem
+from ._base import Shard, ShardInputs, Source, row_problems
 
 _STRINGS = ("string", "large_string")
 _BINARY = ("binary", "large_binary")
@@ -150,17 +150,7 @@ class HuggingFaceShard(Shard):
 
     def read(self) -> ShardInputs:
         rows = self.rows if self.rows is not None else self.column.read(self.start, self.start + self.size)
-        failed = {}
-        for i, value in enumerate(rows):
-            if self.modality == "texts":
-                problem = text_problem(value)
-            elif value is None or (isinstance(value, dict) and value.get("bytes") is None
-                                   and value.get("path") is None):
-                problem = "no image (a null value)"
-            else:
-                problem = None
-            if problem:
-                failed[i] = problem
+        failed = row_problems(rows, self.modality)
         return ShardInputs([None if i in failed else v for i, v in enumerate(rows)], self.ids(), failed)
 
     def ids(self) -> list:

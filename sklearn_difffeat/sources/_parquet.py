@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ._base import Shard, ShardInputs, Source, resolve_files, text_problem
+from ._base import Shard, ShardInputs, Source, resolve_files, row_problems
 
 _BATCH_ROWS = 1024  # rows per Arrow batch while reading a shard: bounds the decoded column held at once
 
@@ -114,16 +114,7 @@ class ParquetShard(Shard):
 
     def read(self) -> ShardInputs:
         values = self.values()
-        failed = {}
-        for i, value in enumerate(values):
-            if self.modality == "texts":
-                problem = text_problem(value)
-            elif value is None or (self.kind == "struct" and value.get("bytes") is None and value.get("path") is None):
-                problem = "no image (a null value)"
-            else:
-                problem = None
-            if problem:
-                failed[i] = problem
+        failed = row_problems(values, self.modality)
         items = [None if i in failed else self._item(v) for i, v in enumerate(values)]
         if self.kind == "strings" and self.modality != "texts":
             ids = [item if item is not None else self._row_id(i) for i, item in enumerate(items)]
