@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import clone
 
+from ._cores import usable_cores
 from .extractors import BaseDiffusionFeatureExtractor, DiTFeatureExtractor, TransformReport, open_store
 from .manifest import ManifestWriter, default_manifest_path
 from .sources import Shard, as_source
@@ -264,7 +265,7 @@ def _tune_dask_worker() -> None:
     import torch
 
     if torch.get_num_threads() == 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
         workers = get_client().scheduler_info(n_workers=-1)["workers"].values()
         local = sum(1 for info in workers if info.get("host") == worker.ip) or 1
         if cores // local > 1:

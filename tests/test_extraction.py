@@ -442,9 +442,9 @@ def test_element_wise_work_leaves_the_cores_to_decoding_threads(tiny_dit_dir, rg
     torch's threads; afterwards torch has its threads back, and the features are those of decoding in-process."""
     import multiprocessing
 
+    from sklearn_difffeat._cores import usable_cores
     from sklearn_difffeat.backbones.dit import DiTBackbone
     from sklearn_difffeat.extractors import image
-    from sklearn_difffeat.extractors._parallel import usable_cores
 
     paths = []
     for i, pixels in enumerate(rgb_images):

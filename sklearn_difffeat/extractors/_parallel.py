@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from .._cores import usable_cores
 
 
 def processes_usable(batch_bytes: int) -> bool:
@@ -61,11 +62,6 @@ def ordered_batches(load, n: int, batch_size: int, workers: int):
             yield [pending.popleft().result() for _ in range(stop - start)]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import torch
 
+from .._cores import usable_cores
 from ..store import FeatureStore
 
 # Small, because each entry may hold GBs of weights.
@@ -115,8 +116,7 @@ def prefetch(iterator, depth: int):
 
 def default_workers() -> int:
     """All cores but one (the one that drives the device), at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(16, cores - 1))
+    return max(1, min(16, usable_cores() - 1))
 
 
 def resolve_device(device, model_device: torch.device | None = None) -> torch.device:
