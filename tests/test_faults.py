@@ -519,6 +519,34 @@ def test_the_model_fingerprint_covers_every_weight(build):
     assert module_fingerprint(copy.deepcopy(model).to(torch.float64)) != before
 
 
+def _reference_fingerprint(*modules):
+    """The fingerprint computed by hand from its definition: BLAKE2b-80 over each module's class name, then per
+    weight (sorted by name) its name, shape and dtype and the BLAKE2b-256 of its raw bytes."""
+    digest = hashlib.blake2b(digest_size=10)
+    for module in modules:
+        if module is None:
+            digest.update(b"<none>")
+            continue
+        digest.update(type(module).__name__.encode())
+        for name, t in sorted(module.state_dict().items()):
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            digest.update(hashlib.blake2b(raw, digest_size=32).digest())
+    return digest.hexdigest()
+
+
+def test_fingerprints_of_groups_sharing_a_module_hash_it_once(monkeypatch):
+    from sklearn_difffeat.backbones import _hub
+
+    transformer, encoder = _tiny_dit(seed=0), _tiny_ddit(seed=1)
+    hashed = []
+    real = _hub._bytes_digest
+    monkeypatch.setattr(_hub, "_bytes_digest", lambda t: hashed.append(t.numel()) or real(t))
+    both, alone = _hub.module_fingerprints((transformer, None, encoder), (encoder,))
+    assert both == _reference_fingerprint(transformer, None, encoder) and alone == _reference_fingerprint(encoder)
+    assert len(hashed) == len(transformer.state_dict()) + len(encoder.state_dict())  # the shared one once
+
+
 def _axis_error(axis):
     return lambda: BlockTimestepSearchCV(Table(table=(0.0, 1.0, 2.0)), {"x": axis}, cv=2).fit(*_picky_data())
 

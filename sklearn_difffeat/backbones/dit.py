@@ -11,7 +11,7 @@ import hashlib
 import torch
 from torch import nn
 
-from ._hub import module_fingerprint, resolve_model_dir
+from ._hub import module_fingerprints, resolve_model_dir
 from .base import DiffusionBackbone
 
 HUB_FILES = ["model_index.json", "transformer/*", "vae/*", "scheduler/*"]
@@ -33,8 +33,8 @@ class DiTBackbone(DiffusionBackbone):
         # dtype (which keys the feature store separately). The noise schedule changes features as much as the
         # weights do.
         schedule = hashlib.blake2b(scheduler.alphas_cumprod.double().numpy().tobytes(), digest_size=6).hexdigest()
-        self._fingerprint = f"{module_fingerprint(transformer, vae)}-{schedule}"
-        self.encoder_fingerprint = module_fingerprint(vae)
+        model, self.encoder_fingerprint = module_fingerprints((transformer, vae), (vae,))
+        self._fingerprint = f"{model}-{schedule}"
         self.num_blocks = len(transformer.transformer_blocks)
         self.width = transformer.inner_dim
 
